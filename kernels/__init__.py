@@ -1,0 +1,1 @@
+"""Triton kernels of vlonghorn (installed as vlonghorn.kernels)."""

@@ -1,0 +1,130 @@
+"""The public Longhorn ops and their backend dispatch (longhorn.md section 2).
+
+Models call only these functions; which backend runs (Triton kernels on CUDA, PyTorch elsewhere) is decided
+here, per call, from the tensors and the `backend` argument.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .scan_torch import longhorn_scan_torch
+
+__all__ = ["longhorn_scan", "bidirectional_longhorn_scan", "bidirectional_conv1d_silu", "triton_available"]
+
+_BACKENDS = ("auto", "triton", "torch")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Set VLONGHORN_DEBUG=1 to check every op input for NaN/inf (one device sync per call, so off by default).
+_DEBUG = os.environ.get("VLONGHORN_DEBUG", "0") not in ("", "0")
+
+
+def triton_available():
+    """True when the Triton kernels can be imported (a Triton install; CUDA or TRITON_INTERPRET=1 to run)."""
+    try:
+        from vlonghorn import kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend, x):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' was asked for but the Triton kernels cannot be imported "
+                           "(is triton installed?)")
+    return backend
+
+
+def _check_tensor(name, t, ndim, shape=None, floating=True):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if floating and t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if _DEBUG and not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or inf (VLONGHORN_DEBUG is set)")
+
+
+def _check_scan_inputs(x, dt, k, q, dt_bias, D, z, suffix=""):
+    _check_tensor("x" + suffix, x, 3)
+    batch, length, channels = x.shape
+    _check_tensor("dt" + suffix, dt, 3, x.shape)
+    _check_tensor("k" + suffix, k, 3)
+    if k.shape[:2] != x.shape[:2]:
+        raise ValueError(f"k{suffix} must have shape ({batch}, {length}, N) to match x{suffix} "
+                         f"{tuple(x.shape)}, got {tuple(k.shape)}")
+    _check_tensor("q" + suffix, q, 3, k.shape)
+    _check_tensor("dt_bias" + suffix, dt_bias, 1, (channels,))
+    if D is not None:
+        _check_tensor("D" + suffix, D, 1, (channels,))
+    if z is not None:
+        _check_tensor("z", z, 3, x.shape)
+    devices = {t.device for t in (x, dt, k, q, dt_bias, D, z) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def longhorn_scan(x, dt, k, q, dt_bias, D=None, z=None, reverse=False, backend="auto"):
+    """One direction of the Longhorn scan.
+
+    x, dt, z: (B, L, E); k, q: (B, L, N); dt_bias, D: (E,). Returns y with x's shape and dtype:
+    y_t = sum_n S_t[:, n] q_t[n] + D x_t, times silu(z_t) when z is given; reverse=True scans t = L-1 .. 0.
+    Inputs may be fp16, bf16, fp32 or fp64; the state and all accumulation are fp32 (fp64 for fp64 inputs).
+    """
+    _check_scan_inputs(x, dt, k, q, dt_bias, D, z)
+    if _resolve_backend(backend, x) == "triton":
+        from vlonghorn.kernels import longhorn_scan_triton
+        return longhorn_scan_triton(x, dt, k, q, dt_bias, D, z, reverse)
+    return longhorn_scan_torch(x, dt, k, q, dt_bias, D, z, reverse)
+
+
+def bidirectional_longhorn_scan(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
+                                dt_bias_fwd, dt_bias_bwd, D_fwd=None, D_bwd=None, z=None, backend="auto"):
+    """Both scan directions of a Vision Longhorn block, combined: (y_fwd + y_bwd) / 2 * silu(z).
+
+    Each direction has its own inputs and parameters (shapes as in `longhorn_scan`); the backward direction
+    scans t = L-1 .. 0. z (B, L, E) is shared; without it the result is (y_fwd + y_bwd) / 2.
+    """
+    _check_scan_inputs(x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, z, "_fwd")
+    _check_scan_inputs(x_bwd, dt_bwd, k_bwd, q_bwd, dt_bias_bwd, D_bwd, z, "_bwd")
+    if x_bwd.shape != x_fwd.shape or k_bwd.shape != k_fwd.shape:
+        raise ValueError(f"both directions must have the same shapes, got x {tuple(x_fwd.shape)} / "
+                         f"{tuple(x_bwd.shape)} and k {tuple(k_fwd.shape)} / {tuple(k_bwd.shape)}")
+    if _resolve_backend(backend, x_fwd) == "triton":
+        from vlonghorn.kernels import bidirectional_longhorn_scan_triton
+        return bidirectional_longhorn_scan_triton(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
+                                                  dt_bias_fwd, dt_bias_bwd, D_fwd, D_bwd, z)
+    y = (longhorn_scan_torch(x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, None, False)
+         + longhorn_scan_torch(x_bwd, dt_bwd, k_bwd, q_bwd, dt_bias_bwd, D_bwd, None, True)) * 0.5
+    return y if z is None else y * F.silu(z)
+
+
+def bidirectional_conv1d_silu(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd, backend="auto"):
+    """Depthwise conv1d + SiLU for both scan directions from one input.
+
+    x: (B, L, E) token-major; weight_*: (E, W) (W = 4 in the models); bias_*: (E,) or None.
+    Returns (x_fwd, x_bwd), each (B, L, E): x_fwd is causal (x_fwd[t] sees x[t-W+1 .. t]); x_bwd is causal
+    in the backward scan's order (x_bwd[t] sees x[t .. t+W-1], weight_bwd[-1] on x[t]).
+    """
+    _check_tensor("x", x, 3)
+    channels = x.shape[-1]
+    _check_tensor("weight_fwd", weight_fwd, 2)
+    width = weight_fwd.shape[-1]
+    _check_tensor("weight_fwd", weight_fwd, 2, (channels, width))
+    _check_tensor("weight_bwd", weight_bwd, 2, (channels, width))
+    for name, bias in (("bias_fwd", bias_fwd), ("bias_bwd", bias_bwd)):
+        if bias is not None:
+            _check_tensor(name, bias, 1, (channels,))
+    if _resolve_backend(backend, x) == "triton":
+        from vlonghorn.kernels import bidirectional_conv1d_silu_triton
+        return bidirectional_conv1d_silu_triton(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd)
+    xt = x.transpose(1, 2)
+    y_fwd = F.conv1d(xt, weight_fwd[:, None], bias_fwd, padding=width - 1, groups=channels)[..., :-(width - 1)]
+    y_bwd = F.conv1d(xt, weight_bwd.flip(-1)[:, None], bias_bwd, padding=width - 1, groups=channels)[..., width - 1:]
+    return F.silu(y_fwd).transpose(1, 2), F.silu(y_bwd).transpose(1, 2)

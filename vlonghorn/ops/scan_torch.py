@@ -1,0 +1,180 @@
+"""Pure-PyTorch Longhorn scan: the backend that runs everywhere (CPU, any GPU, any dtype).
+
+Vectorised over batch, channels and state; the only Python loop is over time steps, and each step is one
+fused multiply-add on a (B, E, N) slab. Time is cut into chunks so the (T, B, E, N) working set stays small,
+and the autograd Function saves only its inputs: the backward recomputes the states chunk by chunk from
+boundary states (longhorn.md section 3), so training memory does not grow with E * N.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["longhorn_scan_torch"]
+
+# Tokens per chunk: bounds the (chunk, B, E, N) buffers; 64 keeps them around 64 * 8 * 768 * 16 * 4 B = 25 MB
+# at batch 8 of the small model, yet leaves few chunks at 224 px (L = 197).
+_CHUNK = 64
+
+
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk_coefficients(x, dt, k, dt_bias):
+    """Time-major coefficients of one chunk. x, dt: (T, B, E); k: (T, B, N).
+
+    Returns beta, den, eps (T, B, E), decay and input (T, B, E, N). decay = 1 - eps * k^2 is formed as
+    (1 + beta (K - k^2)) / (1 + beta K), which stays exact when eps * k^2 is close to 1.
+    """
+    beta = torch.sigmoid(dt + dt_bias)
+    k2 = k * k
+    kappa = k2.sum(-1, keepdim=True)                                   # (T, B, 1)
+    den = 1 + beta * kappa
+    eps = beta / den
+    decay = torch.addcmul(den[..., None], beta[..., None], -k2[:, :, None, :]) / den[..., None]
+    inp = (eps * x)[..., None] * k[:, :, None, :]
+    return beta, den, eps, decay, inp
+
+
+def _chunks(length, reverse):
+    starts = list(range(0, length, _CHUNK))
+    bounds = [(s, min(s + _CHUNK, length)) for s in starts]
+    return bounds[::-1] if reverse else bounds
+
+
+def _scan_chunk(decay, inp, state, reverse, states=None):
+    """Run S_t = decay_t * S_prev + inp_t over the chunk (time-major), in scan order.
+
+    Writes every post-update state into `states` (T, B, E, N) and returns it with the last state.
+    """
+    if states is None:
+        states = torch.empty_like(inp)
+    order = range(inp.shape[0] - 1, -1, -1) if reverse else range(inp.shape[0])
+    for t in order:
+        state = torch.addcmul(inp[t], decay[t], state, out=states[t])
+    return states, state
+
+
+def _time_major(t, lo, hi, dtype):
+    return t[:, lo:hi].transpose(0, 1).to(dtype)
+
+
+class _LonghornScanTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, k, q, dt_bias, D, z, reverse):
+        y = _forward(x, dt, k, q, dt_bias, D, z, reverse)
+        ctx.save_for_backward(x, dt, k, q, dt_bias, D, z)
+        ctx.reverse = reverse
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, dt, k, q, dt_bias, D, z = ctx.saved_tensors
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grads = _backward(grad_out, x, dt, k, q, dt_bias, D, z, ctx.reverse)
+        needs = ctx.needs_input_grad
+        return tuple(g if need else None for g, need in zip(grads, needs[:7])) + (None,)
+
+
+def _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=False):
+    """Returns y (B, L, E) in x's dtype; with keep_boundaries, also the state entering each chunk."""
+    cdtype = _compute_dtype(x)
+    batch, length, channels = x.shape
+    y = torch.empty_like(x)
+    state = x.new_zeros(batch, channels, k.shape[-1], dtype=cdtype)
+    bias = dt_bias.to(cdtype)
+    boundaries = {}
+    states = None
+    for lo, hi in _chunks(length, reverse):
+        xc, dtc = (_time_major(t, lo, hi, cdtype) for t in (x, dt))
+        kc, qc = (_time_major(t, lo, hi, cdtype) for t in (k, q))
+        if keep_boundaries:
+            boundaries[lo] = state.clone()  # `state` is a view into the reused chunk buffer
+        *_, decay, inp = _chunk_coefficients(xc, dtc, kc, bias)
+        if states is None or states.shape != inp.shape:
+            states = torch.empty_like(inp)
+        states, state = _scan_chunk(decay, inp, state, reverse, states)
+        yc = torch.einsum("tben,tbn->tbe", states, qc)
+        if D is not None:
+            yc = yc + D.to(cdtype) * xc
+        if z is not None:
+            yc = yc * F.silu(_time_major(z, lo, hi, cdtype))
+        y[:, lo:hi] = yc.transpose(0, 1).to(y.dtype)
+    return (y, boundaries) if keep_boundaries else y
+
+
+def _backward(grad_out, x, dt, k, q, dt_bias, D, z, reverse):
+    """Exact gradients (longhorn.md section 3), walking chunks against the scan direction."""
+    cdtype = _compute_dtype(x)
+    _, boundaries = _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=True)
+    bias = dt_bias.to(cdtype)
+    dx, ddt, dz = (torch.empty_like(t) if t is not None else None for t in (x, dt, z))
+    dk, dq = torch.empty_like(k), torch.empty_like(q)
+    ddt_bias = torch.zeros_like(bias)
+    dD = torch.zeros_like(bias) if D is not None else None
+    carry = None                                   # decay_{next} * G_{next}, entering the chunk from after it
+    for lo, hi in _chunks(x.shape[1], not reverse):
+        xc, dtc, gc = (_time_major(t, lo, hi, cdtype) for t in (x, dt, grad_out))
+        kc, qc = (_time_major(t, lo, hi, cdtype) for t in (k, q))
+        beta, den, eps, decay, inp = _chunk_coefficients(xc, dtc, kc, bias)
+        states, _ = _scan_chunk(decay, inp, boundaries[lo], reverse)
+        if z is not None:
+            zc = _time_major(z, lo, hi, cdtype)
+            sz = torch.sigmoid(zc)
+            y = torch.einsum("tben,tbn->tbe", states, qc)
+            if D is not None:
+                y = y + D.to(cdtype) * xc
+            dz[:, lo:hi] = (gc * y * sz * (1 + zc * (1 - sz))).transpose(0, 1).to(dz.dtype)
+            gy = gc * zc * sz
+        else:
+            gy = gc
+        dxc = gy * D.to(cdtype) if D is not None else torch.zeros_like(xc)
+        if D is not None:
+            dD += (gy * xc).sum((0, 1))
+        dq[:, lo:hi] = torch.einsum("tben,tbe->tbn", states, gy).transpose(0, 1).to(dq.dtype)
+
+        # Adjoint G_t = gy_t q_t + decay_{t+1} G_{t+1} ("t+1" in scan order), itself a scan run against the
+        # scan direction. The term from the chunk after this one enters as `carry` on the chunk's last step,
+        # so the scan starts from zero and the rolled decay's wrapped-around entry only ever multiplies zero.
+        grad_state = gy[..., None] * qc[:, :, None, :]
+        first, last = (-1, 0) if reverse else (0, -1)
+        if carry is not None:
+            grad_state[last] += carry
+        grad_state, _ = _scan_chunk(decay.roll(1 if reverse else -1, 0), grad_state,
+                                    torch.zeros_like(states[0]), not reverse, grad_state)
+        carry = decay[first] * grad_state[first]
+
+        prev = _previous_states(states, boundaries[lo], reverse)
+        k2 = kc * kc
+        gk = torch.einsum("tben,tbn->tbe", grad_state, kc)                        # sum_n G k
+        deps = xc * gk - torch.einsum("tben,tbn->tbe", grad_state * prev, k2)
+        dxc = dxc + eps * gk
+        dkappa = -eps * eps * deps
+        dkc = (torch.einsum("tben,tbe->tbn", grad_state, eps * xc)
+               - 2 * kc * torch.einsum("tben,tbe->tbn", grad_state * prev, eps)
+               + 2 * kc * dkappa.sum(-1, keepdim=True))
+        ddtc = deps / (den * den) * beta * (1 - beta)
+        ddt_bias += ddtc.sum((0, 1))
+        dx[:, lo:hi] = dxc.transpose(0, 1).to(dx.dtype)
+        ddt[:, lo:hi] = ddtc.transpose(0, 1).to(ddt.dtype)
+        dk[:, lo:hi] = dkc.transpose(0, 1).to(dk.dtype)
+    ddt_bias = ddt_bias.to(dt_bias.dtype)
+    dD = dD.to(D.dtype) if D is not None else None
+    return dx, ddt, dk, dq, ddt_bias, dD, dz
+
+
+def _previous_states(states, entering, reverse):
+    """S_{t-1} in scan order for each step of the chunk: the states shifted by one, the entering state first."""
+    if reverse:
+        return torch.cat([states[1:], entering[None]], 0)
+    return torch.cat([entering[None], states[:-1]], 0)
+
+
+def longhorn_scan_torch(x, dt, k, q, dt_bias, D=None, z=None, reverse=False):
+    """Longhorn scan in PyTorch; same contract as `vlonghorn.ops.longhorn_scan` (inputs already validated).
+
+    Autocast is switched off inside: the state and every reduction stay in fp32 (fp64 for fp64 inputs).
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return _LonghornScanTorch.apply(x, dt, k, q, dt_bias, D, z, reverse)
