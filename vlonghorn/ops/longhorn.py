@@ -8,7 +8,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .scan_torch import longhorn_scan_torch
+from .scan_torch import bidirectional_longhorn_scan_torch, longhorn_scan_torch
 
 __all__ = ["longhorn_scan", "bidirectional_longhorn_scan", "bidirectional_conv1d_silu", "triton_available"]
 
@@ -100,9 +100,8 @@ def bidirectional_longhorn_scan(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bw
         from vlonghorn.kernels import bidirectional_longhorn_scan_triton
         return bidirectional_longhorn_scan_triton(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
                                                   dt_bias_fwd, dt_bias_bwd, D_fwd, D_bwd, z)
-    y = (longhorn_scan_torch(x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, None, False)
-         + longhorn_scan_torch(x_bwd, dt_bwd, k_bwd, q_bwd, dt_bias_bwd, D_bwd, None, True)) * 0.5
-    return y if z is None else y * F.silu(z)
+    return bidirectional_longhorn_scan_torch(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
+                                             dt_bias_fwd, dt_bias_bwd, D_fwd, D_bwd, z)
 
 
 def bidirectional_conv1d_silu(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd, backend="auto"):

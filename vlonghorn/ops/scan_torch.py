@@ -5,16 +5,23 @@ fused multiply-add on a (B, E, N) slab. Time is cut into chunks so the (T, B, E,
 and the autograd Function saves only its inputs: the backward recomputes the states chunk by chunk from
 boundary states (longhorn.md section 3), so training memory does not grow with E * N.
 """
-import math
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["longhorn_scan_torch"]
+__all__ = ["longhorn_scan_torch", "bidirectional_longhorn_scan_torch"]
 
-# Tokens per chunk: bounds the (chunk, B, E, N) buffers; 64 keeps them around 64 * 8 * 768 * 16 * 4 B = 25 MB
-# at batch 8 of the small model, yet leaves few chunks at 224 px (L = 197).
-_CHUNK = 64
+# Elements per (chunk, B, E, N) buffer: 4 MB in fp32, so the three buffers of a chunk stay in a CPU's L3 cache
+# at any batch, while batch-1 inference at 224 px (L = 197) of the small model still takes few chunks.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _no_autocast(device_type):
+    """Switch autocast off (meta and other devices without autocast need nothing)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _compute_dtype(x):
@@ -22,24 +29,24 @@ def _compute_dtype(x):
 
 
 def _chunk_coefficients(x, dt, k, dt_bias):
-    """Time-major coefficients of one chunk. x, dt: (T, B, E); k: (T, B, N).
+    """Time-major coefficients of one chunk. x, dt: (T, B, E); k: (T, B, N); dt_bias: (B, E).
 
-    Returns beta, den, eps (T, B, E), decay and input (T, B, E, N). decay = 1 - eps * k^2 is formed as
-    (1 + beta (K - k^2)) / (1 + beta K), which stays exact when eps * k^2 is close to 1.
+    Returns beta, den, eps (T, B, E), decay = 1 - eps k^2 and input = eps x k (T, B, E, N).
     """
     beta = torch.sigmoid(dt + dt_bias)
     k2 = k * k
-    kappa = k2.sum(-1, keepdim=True)                                   # (T, B, 1)
-    den = 1 + beta * kappa
+    den = 1 + beta * k2.sum(-1, keepdim=True)
     eps = beta / den
-    decay = torch.addcmul(den[..., None], beta[..., None], -k2[:, :, None, :]) / den[..., None]
+    decay = torch.addcmul(torch.ones((), dtype=x.dtype, device=x.device), eps[..., None], k2[:, :, None, :],
+                          value=-1)
     inp = (eps * x)[..., None] * k[:, :, None, :]
     return beta, den, eps, decay, inp
 
 
-def _chunks(length, reverse):
-    starts = list(range(0, length, _CHUNK))
-    bounds = [(s, min(s + _CHUNK, length)) for s in starts]
+def _chunks(x, k, reverse):
+    batch, length, channels = x.shape
+    size = max(4, _CHUNK_ELEMENTS // (batch * channels * k.shape[-1]))
+    bounds = [(s, min(s + size, length)) for s in range(0, length, size)]
     return bounds[::-1] if reverse else bounds
 
 
@@ -50,9 +57,9 @@ def _scan_chunk(decay, inp, state, reverse, states=None):
     """
     if states is None:
         states = torch.empty_like(inp)
-    order = range(inp.shape[0] - 1, -1, -1) if reverse else range(inp.shape[0])
-    for t in order:
-        state = torch.addcmul(inp[t], decay[t], state, out=states[t])
+    steps = zip(inp.unbind(0), decay.unbind(0), states.unbind(0))
+    for inp_t, decay_t, out_t in (reversed(list(steps)) if reverse else steps):
+        state = torch.addcmul(inp_t, decay_t, state, out=out_t)
     return states, state
 
 
@@ -71,7 +78,7 @@ class _LonghornScanTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, dt, k, q, dt_bias, D, z = ctx.saved_tensors
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with _no_autocast(grad_out.device.type):
             grads = _backward(grad_out, x, dt, k, q, dt_bias, D, z, ctx.reverse)
         needs = ctx.needs_input_grad
         return tuple(g if need else None for g, need in zip(grads, needs[:7])) + (None,)
@@ -84,9 +91,10 @@ def _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=False):
     y = torch.empty_like(x)
     state = x.new_zeros(batch, channels, k.shape[-1], dtype=cdtype)
     bias = dt_bias.to(cdtype)
+    D = D.to(cdtype) if D is not None else None
     boundaries = {}
     states = None
-    for lo, hi in _chunks(length, reverse):
+    for lo, hi in _chunks(x, k, reverse):
         xc, dtc = (_time_major(t, lo, hi, cdtype) for t in (x, dt))
         kc, qc = (_time_major(t, lo, hi, cdtype) for t in (k, q))
         if keep_boundaries:
@@ -97,7 +105,7 @@ def _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=False):
         states, state = _scan_chunk(decay, inp, state, reverse, states)
         yc = torch.einsum("tben,tbn->tbe", states, qc)
         if D is not None:
-            yc = yc + D.to(cdtype) * xc
+            yc = yc + D * xc
         if z is not None:
             yc = yc * F.silu(_time_major(z, lo, hi, cdtype))
         y[:, lo:hi] = yc.transpose(0, 1).to(y.dtype)
@@ -109,12 +117,13 @@ def _backward(grad_out, x, dt, k, q, dt_bias, D, z, reverse):
     cdtype = _compute_dtype(x)
     _, boundaries = _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=True)
     bias = dt_bias.to(cdtype)
+    D_c = D.to(cdtype) if D is not None else None
     dx, ddt, dz = (torch.empty_like(t) if t is not None else None for t in (x, dt, z))
     dk, dq = torch.empty_like(k), torch.empty_like(q)
     ddt_bias = torch.zeros_like(bias)
     dD = torch.zeros_like(bias) if D is not None else None
     carry = None                                   # decay_{next} * G_{next}, entering the chunk from after it
-    for lo, hi in _chunks(x.shape[1], not reverse):
+    for lo, hi in _chunks(x, k, not reverse):
         xc, dtc, gc = (_time_major(t, lo, hi, cdtype) for t in (x, dt, grad_out))
         kc, qc = (_time_major(t, lo, hi, cdtype) for t in (k, q))
         beta, den, eps, decay, inp = _chunk_coefficients(xc, dtc, kc, bias)
@@ -124,14 +133,14 @@ def _backward(grad_out, x, dt, k, q, dt_bias, D, z, reverse):
             sz = torch.sigmoid(zc)
             y = torch.einsum("tben,tbn->tbe", states, qc)
             if D is not None:
-                y = y + D.to(cdtype) * xc
+                y = y + D_c * xc
             dz[:, lo:hi] = (gc * y * sz * (1 + zc * (1 - sz))).transpose(0, 1).to(dz.dtype)
             gy = gc * zc * sz
         else:
             gy = gc
-        dxc = gy * D.to(cdtype) if D is not None else torch.zeros_like(xc)
+        dxc = gy * D_c if D is not None else torch.zeros_like(xc)
         if D is not None:
-            dD += (gy * xc).sum((0, 1))
+            dD += (gy * xc).sum(0)
         dq[:, lo:hi] = torch.einsum("tben,tbe->tbn", states, gy).transpose(0, 1).to(dq.dtype)
 
         # Adjoint G_t = gy_t q_t + decay_{t+1} G_{t+1} ("t+1" in scan order), itself a scan run against the
@@ -155,7 +164,7 @@ def _backward(grad_out, x, dt, k, q, dt_bias, D, z, reverse):
                - 2 * kc * torch.einsum("tben,tbe->tbn", grad_state * prev, eps)
                + 2 * kc * dkappa.sum(-1, keepdim=True))
         ddtc = deps / (den * den) * beta * (1 - beta)
-        ddt_bias += ddtc.sum((0, 1))
+        ddt_bias += ddtc.sum(0)
         dx[:, lo:hi] = dxc.transpose(0, 1).to(dx.dtype)
         ddt[:, lo:hi] = ddtc.transpose(0, 1).to(ddt.dtype)
         dk[:, lo:hi] = dkc.transpose(0, 1).to(dk.dtype)
@@ -171,10 +180,43 @@ def _previous_states(states, entering, reverse):
     return torch.cat([entering[None], states[:-1]], 0)
 
 
+def _scan(x, dt, k, q, dt_bias, D, z, reverse):
+    """The autograd entry point; dt_bias and D are per row, (B, E), so that rows may carry different parameters."""
+    with _no_autocast(x.device.type):
+        return _LonghornScanTorch.apply(x, dt, k, q, dt_bias, D, z, reverse)
+
+
+def _rows(param, batch):
+    return None if param is None else param.expand(batch, -1)
+
+
 def longhorn_scan_torch(x, dt, k, q, dt_bias, D=None, z=None, reverse=False):
     """Longhorn scan in PyTorch; same contract as `vlonghorn.ops.longhorn_scan` (inputs already validated).
 
     Autocast is switched off inside: the state and every reduction stay in fp32 (fp64 for fp64 inputs).
     """
-    with torch.autocast(x.device.type, enabled=False):
-        return _LonghornScanTorch.apply(x, dt, k, q, dt_bias, D, z, reverse)
+    batch = x.shape[0]
+    return _scan(x, dt, k, q, _rows(dt_bias, batch), _rows(D, batch), z, reverse)
+
+
+def bidirectional_longhorn_scan_torch(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
+                                      dt_bias_fwd, dt_bias_bwd, D_fwd=None, D_bwd=None, z=None):
+    """(y_fwd + y_bwd) / 2 * silu(z) in PyTorch (contract of `vlonghorn.ops.bidirectional_longhorn_scan`).
+
+    Both directions run as one scan over a doubled batch, the backward direction's inputs reversed in time, so
+    the step loop runs once for both. The flips are cheap (B, L, E)-sized copies; this is the portable path.
+    """
+    batch = x_fwd.shape[0]
+
+    def both(fwd, bwd):
+        return torch.cat([fwd, bwd.flip(1)], dim=0)
+
+    D = None
+    if D_fwd is not None or D_bwd is not None:
+        D_fwd = D_fwd if D_fwd is not None else x_fwd.new_zeros(x_fwd.shape[-1])
+        D_bwd = D_bwd if D_bwd is not None else x_bwd.new_zeros(x_bwd.shape[-1])
+        D = torch.cat([_rows(D_fwd, batch), _rows(D_bwd, batch)])
+    y = _scan(both(x_fwd, x_bwd), both(dt_fwd, dt_bwd), both(k_fwd, k_bwd), both(q_fwd, q_bwd),
+              torch.cat([_rows(dt_bias_fwd, batch), _rows(dt_bias_bwd, batch)]), D, None, False)
+    y = (y[:batch] + y[batch:].flip(1)) * 0.5
+    return y if z is None else y * F.silu(z)

@@ -1,0 +1,223 @@
+"""The Vision Longhorn models through timm's API: sizes, shapes, features, checkpoints and input errors."""
+import pytest
+import timm
+import timm.optim
+import torch
+from safetensors.torch import save_file
+
+import vlonghorn  # noqa: F401  (registers the models)
+from vlonghorn.models import VisionLonghorn
+
+SIZES = ["vlonghorn_tiny", "vlonghorn_small", "vlonghorn_base"]
+
+
+def _nano(**kwargs):
+    return timm.create_model("vlonghorn_nano", **kwargs)
+
+
+def test_models_are_registered():
+    assert timm.list_models("vlonghorn*") == ["vlonghorn_base", "vlonghorn_nano", "vlonghorn_small",
+                                              "vlonghorn_tiny"]
+    assert timm.is_model("vlonghorn_small")
+
+
+@pytest.mark.parametrize("name,width,millions", [
+    ("vlonghorn_tiny", 192, (6.0, 8.0)), ("vlonghorn_small", 384, (24.0, 28.0)), ("vlonghorn_base", 768, (93, 100)),
+])
+def test_sizes_match_the_vim_family(name, width, millions):
+    model = timm.create_model(name, device="meta")
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert millions[0] < params < millions[1]
+    assert model.num_features == model.head_hidden_size == width
+    assert len(model.blocks) == 24
+    assert model.patch_embed.patch_size == (16, 16)
+    mixer = model.blocks[0].mixer
+    assert mixer.in_proj.out_features == 4 * width               # x and z, E = 2 * d_model
+    assert mixer.fwd.x_proj.out_features == -(-width // 16) + 32   # dt_rank + 2 * d_state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SIZES)
+def test_forward_backward_at_224_and_320(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10)
+    out = model(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+    out.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+    model = timm.create_model(name, num_classes=10, dynamic_img_size=True)
+    out = model(torch.randn(1, 3, 320, 320))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_features_only_gives_stride_16_maps(name):
+    model = timm.create_model(name, features_only=True, out_indices=(5, 11, 23), dynamic_img_size=True).eval()
+    assert model.feature_info.channels() == [model.feature_info.channels()[0]] * 3
+    assert model.feature_info.reduction() == [16, 16, 16]
+    with torch.no_grad():
+        feats = model(torch.randn(2, 3, 96, 128))
+    assert [tuple(f.shape) for f in feats] == [(2, model.feature_info.channels()[0], 6, 8)] * 3
+
+
+def test_forward_intermediates_match_forward_features():
+    torch.manual_seed(0)
+    model = _nano().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, indices=[0, 3])
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert [tuple(t.shape) for t in inter] == [(2, 64, 8, 8)] * 2
+        tokens = model.forward_intermediates(x, indices=1, output_fmt="NLC", intermediates_only=True,
+                                             return_prefix_tokens=True)
+        spatial, cls_token = tokens[0]
+        assert spatial.shape == (2, 64, 64) and cls_token.shape == (2, 1, 64)
+        # The class token sits in the middle of the sequence; removing it leaves the patches in raster order.
+        torch.testing.assert_close(inter[-1].flatten(2).transpose(1, 2), spatial)
+        torch.testing.assert_close(cls_token[:, 0], final.new_tensor(0) + model.blocks(model._embed(x))[:, 32])
+        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], model.forward_intermediates(x, intermediates_only=True)[1])
+
+
+def test_prune_intermediate_layers_keeps_taps():
+    model = _nano().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+        kept = model.prune_intermediate_layers([1])
+        assert len(model.blocks) == 2 and model.num_classes == 0
+        torch.testing.assert_close(model.forward_intermediates(x, indices=kept, intermediates_only=True)[0], want)
+
+
+@pytest.mark.parametrize("pool,shape", [("token", (2, 64)), ("avg", (2, 64)), ("", (2, 65, 64))])
+def test_global_pool(pool, shape):
+    model = _nano(num_classes=0, global_pool=pool).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == shape
+
+
+def test_class_token_pooling_reads_the_middle_token():
+    model = _nano().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats[:, 32])
+
+
+def test_classifier_reset_and_head():
+    model = _nano(num_classes=5)
+    assert model.get_classifier().out_features == 5
+    model.reset_classifier(3, "avg")
+    assert model.get_classifier().out_features == 3 and model.global_pool == "avg"
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 64)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(2, "max")
+
+
+def test_grad_checkpointing_gives_the_same_output_and_grads():
+    torch.manual_seed(0)
+    model = _nano(num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    grads = torch.autograd.grad(out.sum(), list(model.parameters()))
+    model.set_grad_checkpointing(True)
+    out2 = model(x)
+    grads2 = torch.autograd.grad(out2.sum(), list(model.parameters()))
+    torch.testing.assert_close(out, out2)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g, g2)
+
+
+def test_optimizer_helpers():
+    model = _nano()
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    assert len(optimizer.param_groups) > 4  # stem, blocks and head get their own layer-decay scales
+
+
+def test_autocast_bf16_runs_with_fp32_residual():
+    model = _nano(num_classes=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.forward_features(torch.randn(2, 3, 64, 64))
+        out = model.forward_head(feats)
+    assert feats.dtype == torch.float32  # the residual stream and the final norm stay fp32
+    assert torch.isfinite(out).all()
+
+
+def test_device_and_dtype_arguments():
+    model = timm.create_model("vlonghorn_nano", device="meta", dtype=torch.bfloat16)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = _nano()
+    with pytest.raises(ValueError, match=r"image size 64x60 is not divisible by the patch size 8x8"):
+        model(torch.randn(1, 3, 64, 60))
+    with pytest.raises(ValueError, match=r"expected 3 input channels, got 1"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"does not match the model's 64x64.*dynamic_img_size=True"):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"expected an image batch"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="global_pool"):
+        _nano(global_pool="max")
+    with pytest.raises(RuntimeError, match="Unknown model"):
+        timm.create_model("vlonghorn_huge")
+    with pytest.raises(RuntimeError, match="Invalid pretrained tag"):
+        timm.create_model("vlonghorn_small.in1k", pretrained=True)
+    with pytest.raises(TypeError):
+        timm.create_model("vlonghorn_nano", not_an_argument=1)
+
+
+def test_dynamic_img_size_accepts_any_multiple_of_the_patch():
+    model = _nano(dynamic_img_size=True).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 40, 96)).shape == (1, 1000)
+        assert model.forward_features(torch.randn(1, 3, 40, 96)).shape == (1, 5 * 12 + 1, 64)
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pth"])
+def test_pretrained_file_loads_at_a_new_size_with_a_new_head(tmp_path, suffix):
+    torch.manual_seed(0)
+    source = _nano()
+    path = tmp_path / f"model.{suffix}"
+    state = source.state_dict()
+    if suffix == "safetensors":
+        save_file(state, str(path))
+    else:  # a training checkpoint: wrapped, with DDP's prefix
+        torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
+    model = timm.create_model("vlonghorn_nano", pretrained=True, num_classes=7, img_size=96,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.pos_embed.shape == (1, 12 * 12 + 1, 64)
+    assert model.head.out_features == 7
+    torch.testing.assert_close(model.blocks[2].mixer.fwd.D, source.blocks[2].mixer.fwd.D)
+    torch.testing.assert_close(model.pos_embed[:, 0], source.pos_embed[:, 0])  # class token's entry kept
+    assert model(torch.randn(1, 3, 96, 96)).shape == (1, 7)
+
+
+def test_pretrained_url_and_patch_size_change(tmp_path):
+    source = _nano()
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    model = timm.create_model("vlonghorn_nano", pretrained=True, patch_size=16, img_size=128,
+                              pretrained_cfg_overlay=dict(url=path.as_uri(), file=None))
+    assert model.patch_embed.proj.weight.shape == (64, 3, 16, 16)
+    assert model.pos_embed.shape == (1, 8 * 8 + 1, 64)
+
+
+def test_set_input_size_resamples_the_position_embedding():
+    model = _nano()
+    model.set_input_size((96, 128))
+    assert model.pos_embed.shape == (1, 12 * 16 + 1, 64)
+    assert model(torch.randn(1, 3, 96, 128)).shape == (1, 1000)
+
+
+def test_is_a_vision_longhorn():
+    assert isinstance(_nano(), VisionLonghorn)

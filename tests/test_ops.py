@@ -1,0 +1,213 @@
+"""The PyTorch backend of vlonghorn.ops against the float64 sequential reference, and the ops' input checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlonghorn import ops
+from vlonghorn.ops import reference
+from vlonghorn.ops import scan_torch
+
+
+def _scan_inputs(batch, length, channels, state, dtype=torch.float64, use_D=True, use_z=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+
+    return dict(
+        x=rand(batch, length, channels),
+        dt=rand(batch, length, channels),
+        k=rand(batch, length, state),
+        q=rand(batch, length, state),
+        dt_bias=rand(channels),
+        D=rand(channels) if use_D else None,
+        z=rand(batch, length, channels) if use_z else None,
+    )
+
+
+def _grads(y, inputs, grad):
+    tensors = [t for t in inputs.values() if t is not None]
+    return torch.autograd.grad(y, tensors, grad)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# (B, L, E, N, reverse, D, z): L = 1, odd L, E not a power of two, both directions, optional D and z.
+SHAPES = [
+    (1, 1, 3, 2, False, True, True),
+    (2, 37, 5, 3, False, True, True),
+    (2, 37, 5, 3, True, True, True),
+    (3, 20, 6, 16, True, False, True),
+    (2, 33, 12, 4, False, True, False),
+    (1, 65, 7, 16, True, False, False),
+]
+
+
+@pytest.mark.parametrize("chunk_steps", [4, 1000])
+@pytest.mark.parametrize("batch,length,channels,state,reverse,use_D,use_z", SHAPES)
+def test_scan_torch_matches_reference_float64(batch, length, channels, state, reverse, use_D, use_z, chunk_steps,
+                                              monkeypatch):
+    # Small chunks exercise the chunk boundaries of the forward and of the backward's carried adjoint.
+    monkeypatch.setattr(scan_torch, "_CHUNK_ELEMENTS", chunk_steps * batch * channels * state)
+    inputs = _scan_inputs(batch, length, channels, state, use_D=use_D, use_z=use_z)
+    y = ops.longhorn_scan(**inputs, reverse=reverse, backend="torch")
+    y_ref = reference.longhorn_scan_ref(**inputs, reverse=reverse)
+    assert y.dtype == torch.float64 and y.shape == (batch, length, channels)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(y)
+    for name, g, g_ref in zip([k for k, v in inputs.items() if v is not None],
+                              _grads(y, inputs, grad), _grads(y_ref, inputs, grad)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
+
+
+def test_scan_torch_passes_gradcheck():
+    inputs = _scan_inputs(2, 9, 3, 2)
+    names = list(inputs)
+
+    def fn(*tensors):
+        return ops.longhorn_scan(**dict(zip(names, tensors)), reverse=True, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+def test_scan_torch_low_precision_inputs(dtype, tol):
+    """fp32 state whatever the input dtype: error vs float64 on the same (rounded) inputs stays at rounding level."""
+    inputs = _scan_inputs(2, 41, 24, 16, dtype=dtype)
+    y = ops.longhorn_scan(**inputs, backend="torch")
+    assert y.dtype == dtype
+    y_ref = reference.longhorn_scan_ref(**inputs)
+    assert _rel(y, y_ref) < tol
+    grad = torch.randn(y.shape, dtype=torch.float64)
+    grads = _grads(y, inputs, grad.to(dtype))
+    grads_ref = _grads(y_ref, inputs, grad.to(dtype).double())
+    for name, g, g_ref in zip(inputs, grads, grads_ref):
+        assert g.dtype == dtype, name
+        assert torch.isfinite(g).all(), name
+        assert _rel(g, g_ref) < tol, name
+
+
+def test_scan_strong_write_stays_finite_and_exact():
+    """k one-hot times 5 and beta near 1: decays near 1/26, the numerically hardest case for the state."""
+    inputs = _scan_inputs(2, 30, 8, 16)
+    with torch.no_grad():
+        inputs["k"].zero_()
+        inputs["k"][..., 3] = 5.0
+        inputs["dt_bias"].fill_(8.0)
+    y = ops.longhorn_scan(**inputs, backend="torch")
+    y_ref = reference.longhorn_scan_ref(**inputs)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(y)
+    for g, g_ref in zip(_grads(y, inputs, grad), _grads(y_ref, inputs, grad)):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+
+
+def test_scan_accepts_strided_views():
+    """x and z as halves of one projection, k and q as slices of another: the layout the model produces."""
+    gen = torch.Generator().manual_seed(1)
+    xz = torch.randn(2, 17, 2 * 6, generator=gen, dtype=torch.float64)
+    proj = torch.randn(2, 17, 3 + 2 * 4, generator=gen, dtype=torch.float64)
+    x, z = xz.chunk(2, dim=-1)
+    dt_low, k, q = proj.split([3, 4, 4], dim=-1)
+    dt = dt_low @ torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    bias, D = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    y = ops.longhorn_scan(x, dt, k, q, bias, D, z, backend="torch")
+    y_ref = reference.longhorn_scan_ref(x.contiguous(), dt, k.contiguous(), q.contiguous(), bias, D, z.contiguous())
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_bidirectional_scan_torch_matches_reference():
+    fwd = _scan_inputs(2, 23, 10, 4, seed=1)
+    bwd = _scan_inputs(2, 23, 10, 4, seed=2, use_z=False)
+    z = fwd["z"]
+    y = ops.bidirectional_longhorn_scan(
+        fwd["x"], bwd["x"], fwd["dt"], bwd["dt"], fwd["k"], fwd["q"], bwd["k"], bwd["q"],
+        fwd["dt_bias"], bwd["dt_bias"], fwd["D"], bwd["D"], z, backend="torch")
+    ref_fwd = reference.longhorn_scan_ref(**{**fwd, "z": None})
+    ref_bwd = reference.longhorn_scan_ref(**bwd, reverse=True)
+    y_ref = (ref_fwd + ref_bwd) / 2 * F.silu(z)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    tensors = [t for t in (*fwd.values(), *bwd.values()) if t is not None]
+    grad = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, tensors, grad), torch.autograd.grad(y_ref, tensors, grad)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bidirectional_conv1d_silu_torch_matches_reference(bias):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 13, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True),
+              torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None,
+              torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True),
+              torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None]
+    out = ops.bidirectional_conv1d_silu(x, *params, backend="torch")
+    ref = reference.bidirectional_conv1d_silu_ref(x, *params)
+    tensors = [x] + [p for p in params if p is not None]
+    grads = [torch.randn_like(o) for o in out]
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(out, tensors, grads)
+    want = torch.autograd.grad(ref, tensors, grads)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    # The backward direction at t sees x[t .. t+3]: its last output depends on x[-1] alone.
+    x_only_last = torch.zeros_like(x)
+    x_only_last[:, -1] = x[:, -1]
+    torch.testing.assert_close(ops.bidirectional_conv1d_silu(x_only_last, *params, backend="torch")[1][:, -1],
+                               out[1][:, -1])
+
+
+def test_scan_runs_under_autocast_with_fp32_state():
+    inputs = _scan_inputs(2, 21, 8, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.longhorn_scan(**inputs, backend="torch")
+    assert y.dtype == torch.bfloat16
+    assert _rel(y, reference.longhorn_scan_ref(**inputs)) < 1e-2
+
+
+def test_scan_input_errors_name_the_argument():
+    good = {k: v.detach() for k, v in _scan_inputs(2, 5, 4, 3).items()}
+    cases = [
+        (dict(x=good["x"][0]), r"x must have 3 dims"),
+        (dict(dt=good["dt"][:, :4]), r"dt must have shape \(2, 5, 4\)"),
+        (dict(k=good["k"][:1]), r"k must have shape \(2, 5, N\)"),
+        (dict(q=good["q"][..., :2]), r"q must have shape \(2, 5, 3\)"),
+        (dict(dt_bias=good["dt_bias"][:3]), r"dt_bias must have shape \(4,\)"),
+        (dict(D=torch.ones(5, dtype=torch.float64)), r"D must have shape \(4,\)"),
+        (dict(z=good["z"][:, :, :2]), r"z must have shape"),
+        (dict(x=good["x"].long()), r"x must be float16, bfloat16, float32 or float64"),
+        (dict(k=[1, 2]), r"k must be a torch.Tensor"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ops.longhorn_scan(**{**good, **change}, backend="torch")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.longhorn_scan(**good, backend="cuda")
+
+
+def test_debug_flag_rejects_nan(monkeypatch):
+    from vlonghorn.ops import longhorn
+    good = {k: v.detach() for k, v in _scan_inputs(1, 4, 3, 2).items()}
+    good["dt"][0, 1, 2] = float("nan")
+    ops.longhorn_scan(**good, backend="torch")  # not checked by default: no sync on the hot path
+    monkeypatch.setattr(longhorn, "_DEBUG", True)
+    with pytest.raises(ValueError, match="dt contains NaN or inf"):
+        ops.longhorn_scan(**good, backend="torch")
+
+
+def test_conv_input_errors():
+    x = torch.randn(2, 5, 4)
+    w = torch.randn(4, 4)
+    with pytest.raises(ValueError, match=r"weight_bwd must have shape \(4, 4\)"):
+        ops.bidirectional_conv1d_silu(x, w, None, torch.randn(3, 4), None, backend="torch")
+    with pytest.raises(ValueError, match=r"bias_fwd must have shape \(4,\)"):
+        ops.bidirectional_conv1d_silu(x, w, torch.randn(5), w, None, backend="torch")
+
+
+def test_auto_backend_uses_torch_on_cpu():
+    from vlonghorn.ops import longhorn
+    assert longhorn._resolve_backend("auto", torch.zeros(1)) == "torch"
