@@ -8,6 +8,8 @@ Fetches `tests/test_models.py` from the source distribution of the installed tim
 - they implement forward_intermediates, so their module joins FEAT_INTER_FILTERS (those tests then run);
 - TorchScript is not supported (custom autograd ops and Triton kernels; use torch.compile), so they join
   EXCLUDE_JIT_FILTERS.
+test_prune_intermediate_layers_contract prunes at every one of the 24 blocks; timm keeps it out of its own CI for
+its cost, and so do we, except for vlonghorn_nano (4 blocks), where it runs.
 """
 import subprocess
 import sys
@@ -57,7 +59,7 @@ def fetch_timm_tests() -> Path:
 
 def main(argv):
     tests = fetch_timm_tests()
-    command = [sys.executable, "-m", "pytest", str(tests / "test_models.py"), "-k", "vlonghorn",
+    command = [sys.executable, "-m", "pytest", str(tests / "test_models.py"), "-k", "vlonghorn and (nano or not test_prune_intermediate_layers_contract)",
                "-p", "vlonghorn", "-c", str(tests / "pytest.ini"),
                "-p", "no:cacheprovider", "-q", "-W", "ignore::pytest.PytestUnknownMarkWarning", *argv]
     return subprocess.run(command, cwd=tests).returncode

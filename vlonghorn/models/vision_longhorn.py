@@ -142,8 +142,13 @@ class Block(nn.Module):
         return x + self.drop_path(self.mixer(self.norm(x)))
 
 
-@register_notrace_function
-def _check_image(x: torch.Tensor, in_chans: int, patch_size: Tuple[int, int], img_size: Optional[Tuple[int, int]]):
+@register_notrace_function  # FX wraps only public names: no leading underscore
+def check_image_batch(
+        x: torch.Tensor,
+        in_chans: int,
+        patch_size: Tuple[int, int],
+        img_size: Optional[Tuple[int, int]],
+) -> None:
     """Raise a ValueError naming what is wrong with an input batch (shape, channels, size)."""
     if x.dim() != 4:
         raise ValueError(f'expected an image batch (B, C, H, W), got shape {tuple(x.shape)}')
@@ -217,7 +222,7 @@ class VisionLonghorn(nn.Module):
             patch_size=patch_size,
             in_chans=in_chans,
             embed_dim=embed_dim,
-            strict_img_size=False,  # sizes are checked in _check_image, with a ValueError that says what to do
+            strict_img_size=False,  # sizes are checked in check_image_batch, with a ValueError that says what to do
             output_fmt='NHWC',
             **dd,
         )
@@ -299,7 +304,7 @@ class VisionLonghorn(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> tokens (B, H/p * W/p + 1, D), the class token in the middle."""
-        _check_image(
+        check_image_batch(
             x, self.in_chans, self.patch_embed.patch_size, None if self.dynamic_img_size else self.patch_embed.img_size)
         x = self.patch_embed(x)
         if self.dynamic_img_size:

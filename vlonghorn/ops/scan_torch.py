@@ -85,25 +85,36 @@ class _LonghornScanTorch(torch.autograd.Function):
 
 
 def _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=False):
-    """Returns y (B, L, E) in x's dtype; with keep_boundaries, also the state entering each chunk."""
+    """Returns y (B, L, E) in x's dtype; with keep_boundaries, also the state entering each backward chunk.
+
+    Each step updates one (B, E, N) state in place from per-token vectors, so nothing of size L * E * N is
+    materialised: the state stays in cache and the forward moves O(B L (E + N)) bytes.
+    """
     cdtype = _compute_dtype(x)
     batch, length, channels = x.shape
     y = torch.empty_like(x)
     state = x.new_zeros(batch, channels, k.shape[-1], dtype=cdtype)
+    decay = torch.empty_like(state)
+    one = torch.ones((), dtype=cdtype, device=x.device)
     bias = dt_bias.to(cdtype)
     D = D.to(cdtype) if D is not None else None
     boundaries = {}
-    states = None
-    for lo, hi in _chunks(x, k, reverse):
+    bounds = _chunks(x, k, reverse) if keep_boundaries else [(0, length)]
+    for lo, hi in bounds:
         xc, dtc = (_time_major(t, lo, hi, cdtype) for t in (x, dt))
         kc, qc = (_time_major(t, lo, hi, cdtype) for t in (k, q))
         if keep_boundaries:
-            boundaries[lo] = state.clone()  # `state` is a view into the reused chunk buffer
-        *_, decay, inp = _chunk_coefficients(xc, dtc, kc, bias)
-        if states is None or states.shape != inp.shape:
-            states = torch.empty_like(inp)
-        states, state = _scan_chunk(decay, inp, state, reverse, states)
-        yc = torch.einsum("tben,tbn->tbe", states, qc)
+            boundaries[lo] = state.clone()
+        beta = torch.sigmoid(dtc + bias)
+        k2 = kc * kc
+        eps = beta / (1 + beta * k2.sum(-1, keepdim=True))
+        yc = torch.empty_like(xc)
+        steps = zip(eps[..., None].unbind(0), (eps * xc)[..., None].unbind(0), k2[:, :, None].unbind(0),
+                    kc[:, :, None].unbind(0), qc[..., None].unbind(0), yc[..., None].unbind(0))
+        for eps_t, ex_t, k2_t, k_t, q_t, y_t in (reversed(list(steps)) if reverse else steps):
+            torch.addcmul(one, eps_t, k2_t, value=-1, out=decay)          # 1 - eps k^2
+            state.mul_(decay).addcmul_(ex_t, k_t)
+            torch.matmul(state, q_t, out=y_t)
         if D is not None:
             yc = yc + D * xc
         if z is not None:
@@ -127,7 +138,11 @@ def _backward(grad_out, x, dt, k, q, dt_bias, D, z, reverse):
         xc, dtc, gc = (_time_major(t, lo, hi, cdtype) for t in (x, dt, grad_out))
         kc, qc = (_time_major(t, lo, hi, cdtype) for t in (k, q))
         beta, den, eps, decay, inp = _chunk_coefficients(xc, dtc, kc, bias)
-        states, _ = _scan_chunk(decay, inp, boundaries[lo], reverse)
+        # One buffer holds the entering state and the chunk's states: S_t and S_{t-1} are both views of it.
+        history = inp.new_empty((inp.shape[0] + 1, *inp.shape[1:]))
+        states, prev = (history[:-1], history[1:]) if reverse else (history[1:], history[:-1])
+        history[-1 if reverse else 0] = boundaries[lo]
+        _scan_chunk(decay, inp, boundaries[lo], reverse, states)
         if z is not None:
             zc = _time_major(z, lo, hi, cdtype)
             sz = torch.sigmoid(zc)
@@ -154,7 +169,6 @@ def _backward(grad_out, x, dt, k, q, dt_bias, D, z, reverse):
                                     torch.zeros_like(states[0]), not reverse, grad_state)
         carry = decay[first] * grad_state[first]
 
-        prev = _previous_states(states, boundaries[lo], reverse)
         k2 = kc * kc
         gk = torch.einsum("tben,tbn->tbe", grad_state, kc)                        # sum_n G k
         deps = xc * gk - torch.einsum("tben,tbn->tbe", grad_state * prev, k2)
@@ -171,13 +185,6 @@ def _backward(grad_out, x, dt, k, q, dt_bias, D, z, reverse):
     ddt_bias = ddt_bias.to(dt_bias.dtype)
     dD = dD.to(D.dtype) if D is not None else None
     return dx, ddt, dk, dq, ddt_bias, dD, dz
-
-
-def _previous_states(states, entering, reverse):
-    """S_{t-1} in scan order for each step of the chunk: the states shifted by one, the entering state first."""
-    if reverse:
-        return torch.cat([states[1:], entering[None]], 0)
-    return torch.cat([entering[None], states[:-1]], 0)
 
 
 def _scan(x, dt, k, q, dt_bias, D, z, reverse):
