@@ -211,3 +211,13 @@ def test_conv_input_errors():
 def test_auto_backend_uses_torch_on_cpu():
     from vlonghorn.ops import longhorn
     assert longhorn._resolve_backend("auto", torch.zeros(1)) == "torch"
+
+
+def test_conv_takes_bf16_activations_with_fp32_parameters():
+    x = torch.randn(2, 9, 6, dtype=torch.bfloat16)
+    w, b = torch.randn(6, 4), torch.randn(6)
+    out = ops.bidirectional_conv1d_silu(x, w, b, w, b, backend="torch")
+    ref = reference.bidirectional_conv1d_silu_ref(x, w, b, w, b)
+    for o, r in zip(out, ref):
+        assert o.dtype == torch.bfloat16
+        assert _rel(o, r) < 1e-2

@@ -123,6 +123,9 @@ def bidirectional_conv1d_silu(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd, bac
     if _resolve_backend(backend, x) == "triton":
         from vlonghorn.kernels import bidirectional_conv1d_silu_triton
         return bidirectional_conv1d_silu_triton(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd)
+    # Parameters follow the activations' dtype (as autocast would), so bf16 activations work without autocast.
+    weight_fwd, bias_fwd, weight_bwd, bias_bwd = (
+        None if p is None else p.to(x.dtype) for p in (weight_fwd, bias_fwd, weight_bwd, bias_bwd))
     xt = x.transpose(1, 2)
     y_fwd = F.conv1d(xt, weight_fwd[:, None], bias_fwd, padding=width - 1, groups=channels)[..., :-(width - 1)]
     y_bwd = F.conv1d(xt, weight_bwd.flip(-1)[:, None], bias_bwd, padding=width - 1, groups=channels)[..., width - 1:]

@@ -1,0 +1,137 @@
+"""vlonghorn_small against deit_small_patch16_224, end to end, in one process on one GPU.
+
+    python benchmarks/bench_model.py [--out DIR] [--res 224 1024 2048] [--batch 256 16 2]
+
+For each resolution: inference (model.eval(), torch.inference_mode(), bf16 autocast) and a training step
+(bf16 autocast, forward + backward + fused AdamW step), images/s from the median of CUDA-event-timed repeats
+after warm-up, peak memory (torch.cuda.max_memory_allocated), and the ratios vlonghorn / deit. Both models are
+created at the resolution (img_size=...), the same batch for both, random inputs. Writes model_<device>.json
+and .md into --out (default benchmarks/results).
+"""
+import argparse
+import datetime
+import json
+import os
+
+import timm
+import torch
+import triton
+
+import vlonghorn  # noqa: E402,F401  (registers the models with timm)
+
+MODELS = ("vlonghorn_small", "deit_small_patch16_224")
+
+
+def _time(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2] * 1e-3  # seconds
+
+
+def bench_one(name, res, batch, reps, train=True):
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=res, num_classes=1000).cuda()
+    x = torch.randn(batch, 3, res, res, device="cuda")
+    out = {}
+    model.eval()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+    def infer():
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            model(x)
+
+    t = _time(infer, 3, reps)
+    out["infer_img_s"] = batch / t
+    out["infer_peak_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    if train:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        target = torch.randint(0, 1000, (batch,), device="cuda")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+        def step():
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        try:
+            t = _time(step, 2, reps)
+            out["train_img_s"] = batch / t
+            out["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        except torch.OutOfMemoryError:
+            out["train_img_s"] = None
+            out["train_peak_GiB"] = "OOM"
+        del opt
+    del model, x
+    torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--res", type=int, nargs="+", default=[224, 1024, 2048])
+    ap.add_argument("--batch", type=int, nargs="+", default=[256, 16, 2])
+    ap.add_argument("--reps", type=int, default=10)
+    opt = ap.parse_args()
+    dev = torch.cuda.get_device_name()
+    from vlonghorn.kernels import CONFIG
+    meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "timm": timm.__version__,
+            "kernel_config": dict(CONFIG),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "autocast": "bfloat16",
+            "optimizer": "AdamW(fused=True)"}
+    results = {}
+    os.makedirs(opt.out, exist_ok=True)
+    tag = dev.replace(" ", "_").replace("/", "_")
+    for res, batch in zip(opt.res, opt.batch):
+        results[res] = {"batch": batch}
+        for name in MODELS:
+            r = bench_one(name, res, batch, opt.reps if res <= 1024 else max(2, opt.reps // 3))
+            results[res][name] = r
+            print(res, batch, name, json.dumps(r), flush=True)
+            with open(os.path.join(opt.out, f"model_{tag}.json"), "w") as fh:  # partial results survive a timeout
+                json.dump({"meta": meta, "results": results}, fh, indent=1)
+    lines = [f"# End to end: vlonghorn_small vs deit_small ({dev})", "",
+             f"torch {torch.__version__}, triton {triton.__version__}, timm {timm.__version__}, {meta['date']}; "
+             "bf16 autocast; inference under inference_mode; training step with fused AdamW.", "",
+             "| res | batch | model | infer img/s | infer peak GiB | train img/s | train peak GiB |", "|" + "---|" * 7]
+    for res, r in results.items():
+        for name in MODELS:
+            m = r[name]
+            tr = "" if m.get("train_img_s") is None else f"{m['train_img_s']:.1f}"
+            tp = m.get("train_peak_GiB")
+            tp = tp if isinstance(tp, str) else f"{tp:.2f}"
+            lines.append(f"| {res} | {r['batch']} | {name} | {m['infer_img_s']:.1f} | {m['infer_peak_GiB']:.2f} | "
+                         f"{tr} | {tp} |")
+    lines += ["", "| res | inference ratio (vlonghorn / deit) | training ratio | training peak memory ratio |",
+              "|---|---|---|---|"]
+    for res, r in results.items():
+        v, d = r[MODELS[0]], r[MODELS[1]]
+        tr = (f"{v['train_img_s'] / d['train_img_s']:.2f}" if v.get("train_img_s") and d.get("train_img_s") else "")
+        mr = (f"{v['train_peak_GiB'] / d['train_peak_GiB']:.2f}"
+              if not isinstance(v.get("train_peak_GiB"), str) and not isinstance(d.get("train_peak_GiB"), str) else "")
+        lines.append(f"| {res} | {v['infer_img_s'] / d['infer_img_s']:.2f} | {tr} | {mr} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    with open(os.path.join(opt.out, f"model_{tag}.json"), "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1)
+    with open(os.path.join(opt.out, f"model_{tag}.md"), "w") as fh:
+        fh.write(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Data-parallel scaling of train.py: images/s on 1..N GPUs of one host through `accelerate launch`.
+
+    python benchmarks/scaling.py --data-dir data/cifar10 --gpus 1 2 [--model vlonghorn_small] [--out DIR]
+
+Real input: CIFAR-10 JPEGs decoded and upscaled by the training transforms to --img-size (224), bf16, the same
+per-GPU batch at every GPU count. Throughput is taken between two logged steps (after --warmup-steps), so
+start-up and kernel compilation stay out of it. Also measures the data pipeline alone (the model removed), to
+show it is not the bottleneck. Writes scaling_<kind>.{json,md} to --out.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+LINE = re.compile(r"train \d+ \[(\d+)/\d+\] .* (\d+) img/s")
+
+
+def data_pipeline_rate(args) -> float:
+    """Images/s of the training loader alone (decode, augment, collate) with the workers one process gets."""
+    sys.path.insert(0, str(ROOT))
+    from vlonghorn.data import ImageFolderDataset, build_train_transform, worker_init
+    dataset = ImageFolderDataset(args.data_dir, "train")
+    dataset.transform = build_train_transform(args.img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                                              scale=(0.35, 1.0), reprob=0.25)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, worker_init_fn=worker_init)
+    batches = 0
+    for i, _ in enumerate(loader):
+        if i == 10:
+            start = time.perf_counter()
+        if i >= 10:
+            batches += 1
+        if batches == args.data_batches:
+            break
+    return batches * args.batch_size / (time.perf_counter() - start)
+
+
+def train_rate(args, gpus: int, log: Path) -> dict:
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+               CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(gpus)))
+    launcher = [sys.executable] if gpus == 1 else [
+        "accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "--num_machines", "1",
+        "--mixed_precision", "bf16", "--dynamo_backend", "no"]
+    command = launcher + [
+        str(ROOT / "train.py"), "--config", str(ROOT / "configs/cifar10.yaml"), "--data-dir", args.data_dir,
+        "--model", args.model, "--model-kwargs", "patch_size=16", "--img-size", str(args.img_size),
+        "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--epochs", "1",
+        "--stop-after-steps", str(args.steps), "--log-interval", "1", "--no-progress", "--mixed-precision", "bf16",
+        "--output", str(log.parent / "runs"), "--experiment", f"scaling-{gpus}gpu", "--checkpoint-steps", "0"]
+    with open(log, "w") as f:
+        rc = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    points = [(int(m.group(1)), float(m.group(2))) for m in LINE.finditer(log.read_text())]
+    points = {step: rate for step, rate in points}  # the main process logs: per-process cumulative img/s
+    first, last = args.warmup_steps, max(points) if points else 0
+    if rc != 0 or first not in points or last <= first:
+        raise RuntimeError(f"{gpus}-GPU run failed (rc {rc}); see {log}")
+    elapsed = {s: s * args.batch_size / points[s] for s in (first, last)}
+    per_gpu = (last - first) * args.batch_size / (elapsed[last] - elapsed[first])
+    return dict(gpus=gpus, per_gpu_img_s=round(per_gpu, 1), total_img_s=round(per_gpu * gpus, 1),
+                steps_timed=last - first)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--gpus", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--model", default="vlonghorn_small")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64, help="per GPU")
+    parser.add_argument("--workers", type=int, default=6, help="loader workers per process")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup-steps", type=int, default=15)
+    parser.add_argument("--data-batches", type=int, default=60)
+    parser.add_argument("--kind", default="unknown", help="machine kind, for the file name")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    data_rate = data_pipeline_rate(args)
+    print(f"data pipeline alone: {data_rate:.0f} img/s with {args.workers} workers", flush=True)
+    for gpus in args.gpus:
+        if gpus > torch.cuda.device_count():
+            print(f"{gpus} GPUs: not on this machine ({torch.cuda.device_count()})")
+            continue
+        rows.append(train_rate(args, gpus, out / f"scaling_{args.kind}_{gpus}gpu.log"))
+        print(rows[-1], flush=True)
+    for row in rows:
+        row["efficiency"] = round(row["total_img_s"] / (row["gpus"] * rows[0]["per_gpu_img_s"]), 3)
+
+    import timm
+    import triton
+    meta = dict(date=datetime.date.today().isoformat(), kind=args.kind, device=torch.cuda.get_device_name(0),
+                torch=torch.__version__, triton=triton.__version__, timm=timm.__version__, model=args.model,
+                img_size=args.img_size, per_gpu_batch=args.batch_size, workers_per_process=args.workers,
+                data_pipeline_img_s_per_process=round(data_rate, 1), precision="bf16")
+    (out / f"scaling_{args.kind}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    lines = [f"# Data-parallel scaling of train.py, {args.model} at {args.img_size} px ({meta['date']})", "",
+             f"{args.kind}: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, timm {meta['timm']}. "
+             f"bf16, per-GPU batch {args.batch_size}, CIFAR-10 JPEGs upscaled by the training transforms, "
+             f"{args.workers} loader workers per process; timed between logged steps {args.warmup_steps} and "
+             f"{args.steps}. The data pipeline alone gives {data_rate:.0f} img/s per process.", "",
+             "| GPUs | img/s per GPU | img/s total | efficiency |", "|---|---|---|---|"]
+    lines += [f"| {r['gpus']} | {r['per_gpu_img_s']} | {r['total_img_s']} | {r['efficiency']} |" for r in rows]
+    (out / f"scaling_{args.kind}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Launchers, autograd and torch.library registration of the Triton kernels.
+
+Each op is a `torch.library.custom_op` (opaque to torch.compile, so the mixer compiles without graph breaks)
+with a fake implementation for tracing and an autograd formula that calls the backward op. Public entry points
+(called by vlonghorn.ops when the backend is "triton"):
+
+    longhorn_scan_triton(x, dt, k, q, dt_bias, D, z, reverse) -> y
+    bidirectional_longhorn_scan_triton(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
+                                       dt_bias_fwd, dt_bias_bwd, D_fwd, D_bwd, z) -> (y_fwd + y_bwd) / 2 * silu(z)
+    bidirectional_conv1d_silu_triton(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd) -> (x_fwd, x_bwd)
+"""
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+
+from .conv import _conv_bwd_kernel, _conv_fwd_kernel
+from .scan import PAD, REC, _prep_kernel, _scan_bwd_kernel, _scan_fwd_kernel
+
+__all__ = ["longhorn_scan_triton", "bidirectional_longhorn_scan_triton", "bidirectional_conv1d_silu_triton",
+           "CONFIG"]
+
+# Launch parameters, chosen by the sweep in benchmarks/bench_kernels.py on an H100 (benchmarks/NOTES_kernels.md).
+# BD: channels per program (BD / (32 warps) channels per thread); CK: steps between the forward's fp32
+# checkpoints (= the backward's window); TT: steps per register tile in the backward.
+CONFIG = {
+    "fwd_bd": 64, "fwd_warps": 1,
+    "bwd_bd": 32, "bwd_warps": 1, "bwd_tt": 4, "ck": 64,
+    "conv_bd": 128, "conv_warps": 1, "conv_ch": 64,
+    # L1 prefetch of the next step's per-token records (GPU only): halves the forward on an H100 (613 -> 322 us
+    # at B=128, L=197); no gain in the backward (4.03 vs 4.33 ms), so off there
+    "fwd_prefetch": True, "bwd_prefetch": False,
+}
+if os.environ.get("VLONGHORN_KERNEL_CONFIG"):  # e.g. the launch configuration a benchmark sweep chose
+    import json
+    CONFIG.update(json.loads(os.environ["VLONGHORN_KERNEL_CONFIG"]))
+
+
+# Under TRITON_INTERPRET=1 (CPU tests) the kernels take their plain-Triton paths; on the GPU they use
+# single-instruction reciprocals and warp-shuffle reductions written in inline PTX.
+_FAST = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def _unit_channel_stride(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _per_thread(bd, warps):
+    r = bd // (32 * warps)
+    if r not in (1, 2, 4) or r * 32 * warps != bd:
+        raise ValueError(f"block of {bd} channels over {warps} warps: need 1, 2 or 4 channels per thread")
+    return r
+
+
+def _empty(like):
+    return like.new_empty(0)
+
+
+def _needs_grad(*ts):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+# ----------------------------------------------------------------------------------------------------- scan
+def _prep(pairs, L):
+    """Pack k, q of each direction into the fp32 per-token record [ndir, B, PAD + L + PAD, REC]."""
+    B, _, N = pairs[0][0].shape
+    rec = torch.empty(len(pairs), B, L + 2 * PAD, REC, device=pairs[0][0].device, dtype=torch.float32)
+    nrow = B * (L + 2 * PAD)
+    bt = 32
+    for i, (k, q) in enumerate(pairs):
+        _prep_kernel[(triton.cdiv(nrow, bt),)](
+            k, q, rec[i], k.stride(0), k.stride(1), k.stride(2), q.stride(0), q.stride(1), q.stride(2),
+            L, nrow, N=N, BT=bt, REC_W=REC, PADT=PAD)
+    return rec
+
+
+def _scan_fwd_impl(xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, reverse, save):
+    bidir = xb is not None
+    B, L, E = xa.shape
+    N = ka.shape[-1]
+    xa, dta, xb, dtb, z = (_unit_channel_stride(t) for t in (xa, dta, xb, dtb, z))
+    pairs = [(ka, qa)] + ([(kb, qb)] if bidir else [])
+    rec = _prep(pairs, L)
+    ck_every = CONFIG["ck"]
+    nck = max((L - 1) // ck_every, 1)
+    ndir = 2 if bidir else 1
+    out = torch.empty(B, L, E, device=xa.device, dtype=xa.dtype)
+    bd, warps = CONFIG["fwd_bd"], CONFIG["fwd_warps"]
+    nblk = triton.cdiv(E, bd)
+    if save:
+        ck = torch.empty(ndir, B, nck, nblk * N * bd, device=xa.device, dtype=torch.float32)
+        ypre = torch.empty(B, L, E, device=xa.device, dtype=xa.dtype) if (bidir and z is not None) else out.new_empty(0)
+    else:
+        ck = out.new_empty(0, dtype=torch.float32)
+        ypre = out.new_empty(0)
+    xb_, dtb_, bias_b_ = (xb, dtb, bias_b) if bidir else (xa, dta, bias_a)
+    Db_ = Db if bidir else Da
+    zz = z if z is not None else xa
+    _scan_fwd_kernel[(nblk, B)](
+        xa, dta, xb_, dtb_, zz, out, ypre if ypre.numel() else out, rec, ck if ck.numel() else rec,
+        bias_a, bias_b_, Da if Da is not None else bias_a, Db_ if Db_ is not None else bias_a,
+        xa.stride(0), xa.stride(1), dta.stride(0), dta.stride(1), xb_.stride(0), xb_.stride(1),
+        dtb_.stride(0), dtb_.stride(1), zz.stride(0), zz.stride(1),
+        L, E, B, nck,
+        N=N, BD=bd, R=_per_thread(bd, warps), W=warps, CK=ck_every, REC_W=REC, PADT=PAD, BIDIR=bidir,
+        REVERSE=bool(reverse),
+        HAS_D=Da is not None, HAS_Z=z is not None, SAVE=bool(save), FAST=_FAST,
+        PREFETCH=CONFIG["fwd_prefetch"] and _FAST, num_warps=warps)
+    if not save:
+        rec = rec.new_empty(0)
+    return out, ypre, ck, rec
+
+
+def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, rec, reverse, k_dtype, q_dtype, N):
+    bidir = xb is not None
+    B, L, E = xa.shape
+    ndir = 2 if bidir else 1
+    grad, xa, dta, xb, dtb, z = (_unit_channel_stride(t) for t in (grad, xa, dta, xb, dtb, z))
+    bd, tt, ck_every = CONFIG["bwd_bd"], CONFIG["bwd_tt"], CONFIG["ck"]
+    nblk = triton.cdiv(E, bd)
+    nck = ck.shape[2]
+    bdf = CONFIG["fwd_bd"]
+    rf = _per_thread(bdf, CONFIG["fwd_warps"])
+    dev = xa.device
+    dxa = torch.empty(B, L, E, device=dev, dtype=xa.dtype)
+    ddta = torch.empty(B, L, E, device=dev, dtype=dta.dtype)
+    dxb = torch.empty(B, L, E, device=dev, dtype=xb.dtype) if bidir else dxa      # single: unused pointers
+    ddtb = torch.empty(B, L, E, device=dev, dtype=dtb.dtype) if bidir else ddta
+    dz = torch.empty(B, L, E, device=dev, dtype=z.dtype) if z is not None else None
+    scatter = _FAST and N == 16
+    nparts = nblk * CONFIG["bwd_warps"] if scatter else nblk
+    dkq = torch.empty(ndir, nparts, B, L, 2 * N, device=dev, dtype=torch.float32)
+    dpar = torch.zeros(ndir, B, 2, E, device=dev, dtype=torch.float32)
+    scratch = torch.empty(ndir * B * nblk * (ck_every // tt) * N * bd, device=dev, dtype=torch.float32)
+    xb_, dtb_, bias_b_ = (xb, dtb, bias_b) if bidir else (xa, dta, bias_a)
+    Db_ = Db if bidir else Da
+    zz = z if z is not None else xa
+    _scan_bwd_kernel[(nblk, B, ndir)](
+        grad, zz, ypre if ypre.numel() else grad, rec, ck, scratch,
+        xa, dta, xb_, dtb_, bias_a, bias_b_, Da if Da is not None else bias_a, Db_ if Db_ is not None else bias_a,
+        dxa, ddta, dxb, ddtb, dz if dz is not None else dxa, dkq, dpar,
+        grad.stride(0), grad.stride(1), zz.stride(0), zz.stride(1), xa.stride(0), xa.stride(1),
+        dta.stride(0), dta.stride(1), xb_.stride(0), xb_.stride(1), dtb_.stride(0), dtb_.stride(1),
+        L, E, B, nck, triton.cdiv(E, bdf),
+        N=N, BD=bd, R=_per_thread(bd, CONFIG["bwd_warps"]), W=CONFIG["bwd_warps"], CK=ck_every, TT=tt,
+        REC_W=REC, PADT=PAD, BDF=bdf, RF=rf, WF=CONFIG["fwd_warps"],
+        BIDIR=bidir, REVERSE=bool(reverse),
+        HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter,
+        PREFETCH=CONFIG["bwd_prefetch"] and _FAST,
+        num_warps=CONFIG["bwd_warps"])
+    res = []
+    for i, (dx, ddt, bias, D) in enumerate(((dxa, ddta, bias_a, Da), (dxb, ddtb, bias_b, Db))[:ndir]):
+        # deterministic sums of the per-block partials; every returned tensor is its own allocation
+        res += [dx, ddt, dkq[i, ..., :N].sum(0).to(k_dtype), dkq[i, ..., N:].sum(0).to(q_dtype),
+                dpar[i, :, 0].sum(0).to(bias.dtype), dpar[i, :, 1].sum(0).to(D.dtype) if D is not None else _empty(xa)]
+    if not bidir:
+        res += [_empty(xa) for _ in range(6)]
+    res.append(dz if dz is not None else _empty(xa))
+    return tuple(res)
+
+
+@torch.library.custom_op("vlonghorn::scan_fwd", mutates_args=())
+def scan_fwd(xa: Tensor, dta: Tensor, ka: Tensor, qa: Tensor, bias_a: Tensor, Da: Optional[Tensor],
+             xb: Optional[Tensor], dtb: Optional[Tensor], kb: Optional[Tensor], qb: Optional[Tensor],
+             bias_b: Optional[Tensor], Db: Optional[Tensor], z: Optional[Tensor], reverse: bool,
+             save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, y_pre, checkpoints, record); the last three are empty unless `save`."""
+    return _scan_fwd_impl(xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, reverse, save)
+
+
+@scan_fwd.register_fake
+def _(xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, reverse, save):
+    B, L, E = xa.shape
+    N = ka.shape[-1]
+    ndir = 2 if xb is not None else 1
+    out = xa.new_empty(B, L, E)
+    if not save:
+        return out, xa.new_empty(0), xa.new_empty(0, dtype=torch.float32), xa.new_empty(0, dtype=torch.float32)
+    nck = max((L - 1) // CONFIG["ck"], 1)
+    ypre = xa.new_empty(B, L, E) if (xb is not None and z is not None) else xa.new_empty(0)
+    nblk = triton.cdiv(E, CONFIG["fwd_bd"])
+    return (out, ypre, xa.new_empty(ndir, B, nck, nblk * N * CONFIG["fwd_bd"], dtype=torch.float32),
+            xa.new_empty(ndir, B, L + 2 * PAD, REC, dtype=torch.float32))
+
+
+@torch.library.custom_op("vlonghorn::scan_bwd", mutates_args=())
+def scan_bwd(grad: Tensor, xa: Tensor, dta: Tensor, bias_a: Tensor, Da: Optional[Tensor], xb: Optional[Tensor],
+             dtb: Optional[Tensor], bias_b: Optional[Tensor], Db: Optional[Tensor], z: Optional[Tensor],
+             ypre: Tensor, ck: Tensor, rec: Tensor, reverse: bool, k_dtype: torch.dtype,
+             q_dtype: torch.dtype, n_state: int) -> List[Tensor]:
+    """Gradients (dx, ddt, dk, dq, dbias, dD) of direction a, the same of direction b, then dz (empty if absent)."""
+    return list(_scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, rec, reverse,
+                               k_dtype, q_dtype, n_state))
+
+
+@scan_bwd.register_fake
+def _(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, rec, reverse, k_dtype, q_dtype, n_state):
+    B, L, E = xa.shape
+    N = n_state
+
+    def one(x, dt, bias, D):
+        return [x.new_empty(B, L, E), dt.new_empty(B, L, E), xa.new_empty(B, L, N, dtype=k_dtype),
+                xa.new_empty(B, L, N, dtype=q_dtype), bias.new_empty(E),
+                D.new_empty(E) if D is not None else _empty(xa)]
+
+    res = one(xa, dta, bias_a, Da)
+    res += one(xb, dtb, bias_b, Db) if xb is not None else [_empty(xa) for _ in range(6)]
+    res.append(z.new_empty(B, L, E) if z is not None else _empty(xa))
+    return res
+
+
+def _scan_setup(ctx, inputs, output):
+    xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, reverse, save = inputs
+    _, ypre, ck, rec = output
+    ctx.save_for_backward(xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, rec)
+    ctx.reverse = reverse
+    ctx.dtypes = (ka.dtype, qa.dtype, kb.dtype if kb is not None else ka.dtype,
+                  qb.dtype if qb is not None else qa.dtype)
+    ctx.bidir = xb is not None
+    ctx.n_state = ka.shape[-1]
+    ctx.has = (Da is not None, Db is not None, z is not None)
+
+
+def _scan_backward(ctx, g_out, g_ypre, g_ck, g_rec):
+    xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, rec = ctx.saved_tensors
+    if rec.numel() == 0:
+        raise RuntimeError("vlonghorn::scan_fwd was run with save=False; it cannot be differentiated")
+    kd, qd, kbd, qbd = ctx.dtypes
+    grads = scan_bwd(g_out, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, rec, ctx.reverse, kd, qd,
+                     ctx.n_state)
+    dxa, ddta, dka, dqa, dba, dDa, dxb, ddtb, dkb, dqb, dbb, dDb, dz = grads
+    has_da, has_db, has_z = ctx.has
+    if ctx.bidir:
+        dkb, dqb = dkb.to(kbd), dqb.to(qbd)
+    else:
+        dxb = ddtb = dkb = dqb = dbb = dDb = None
+    return (dxa, ddta, dka, dqa, dba, dDa if has_da else None, dxb, ddtb, dkb, dqb, dbb,
+            dDb if (ctx.bidir and has_db) else None, dz if has_z else None, None, None)
+
+
+scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
+
+
+def _torch_fallback(k, *ts):
+    """fp64 (accumulated in fp64 by the PyTorch path) and state sizes the packed record cannot hold."""
+    N = k.shape[-1]
+    return (N & (N - 1)) != 0 or 3 * N + 1 > REC or any(t is not None and t.dtype == torch.float64 for t in ts)
+
+
+def longhorn_scan_triton(x, dt, k, q, dt_bias, D=None, z=None, reverse=False):
+    """One direction of the scan on the Triton kernels (same contract as vlonghorn.ops.longhorn_scan)."""
+    if _torch_fallback(k, x, dt, k, q, z):
+        from vlonghorn.ops.scan_torch import longhorn_scan_torch
+        return longhorn_scan_torch(x, dt, k, q, dt_bias, D, z, reverse)
+    save = _needs_grad(x, dt, k, q, dt_bias, D, z)
+    return scan_fwd(x, dt, k, q, dt_bias, D, None, None, None, None, None, None, z, bool(reverse), save)[0]
+
+
+def bidirectional_longhorn_scan_triton(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
+                                       dt_bias_fwd, dt_bias_bwd, D_fwd=None, D_bwd=None, z=None):
+    """(y_fwd + y_bwd) / 2 * silu(z) in one fused launch (both directions; z optional)."""
+    ts = (x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd, dt_bias_fwd, dt_bias_bwd, D_fwd, D_bwd, z)
+    if _torch_fallback(k_fwd, *ts):
+        from vlonghorn.ops.scan_torch import longhorn_scan_torch
+        y = (longhorn_scan_torch(x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, None, False)
+             + longhorn_scan_torch(x_bwd, dt_bwd, k_bwd, q_bwd, dt_bias_bwd, D_bwd, None, True)) * 0.5
+        return y if z is None else y * torch.nn.functional.silu(z)
+    if (D_fwd is None) != (D_bwd is None):
+        # the kernel takes D for both directions or for neither
+        D_fwd = D_fwd if D_fwd is not None else torch.zeros_like(D_bwd)
+        D_bwd = D_bwd if D_bwd is not None else torch.zeros_like(D_fwd)
+    if x_bwd.dtype != x_fwd.dtype:
+        x_bwd = x_bwd.to(x_fwd.dtype)
+    if dt_bwd.dtype != dt_fwd.dtype:
+        dt_bwd = dt_bwd.to(dt_fwd.dtype)
+    save = _needs_grad(*ts)
+    return scan_fwd(x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, x_bwd, dt_bwd, k_bwd, q_bwd, dt_bias_bwd,
+                    D_bwd, z, False, save)[0]
+
+
+# ----------------------------------------------------------------------------------------------------- conv
+def _conv_fwd_impl(x, wf, bf, wb, bb):
+    B, L, E = x.shape
+    x = _unit_channel_stride(x)
+    wf, wb = wf.contiguous(), wb.contiguous()
+    yf = torch.empty(B, L, E, device=x.device, dtype=x.dtype)
+    yb = torch.empty_like(yf)
+    bd, ch = CONFIG["conv_bd"], CONFIG["conv_ch"]
+    _conv_fwd_kernel[(triton.cdiv(E, bd), B, triton.cdiv(L, ch))](
+        x, wf, bf if bf is not None else wf, wb, bb if bb is not None else wb, yf, yb,
+        x.stride(0), x.stride(1), L, E, ch, BD=bd, HAS_BF=bf is not None, HAS_BB=bb is not None, FAST=_FAST,
+        num_warps=CONFIG["conv_warps"])
+    return yf, yb
+
+
+def _conv_bwd_impl(dyf, dyb, x, wf, bf, wb, bb):
+    B, L, E = x.shape
+    x, dyf, dyb = (_unit_channel_stride(t) for t in (x, dyf, dyb))
+    wf, wb = wf.contiguous(), wb.contiguous()
+    bd, ch = CONFIG["conv_bd"], CONFIG["conv_ch"]
+    nch = triton.cdiv(L, ch)
+    dx = torch.empty(B, L, E, device=x.device, dtype=x.dtype)
+    dw = torch.empty(B * nch, 10, E, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[(triton.cdiv(E, bd), B, nch)](
+        x, dyf, dyb, wf, bf if bf is not None else wf, wb, bb if bb is not None else wb, dx, dw,
+        x.stride(0), x.stride(1), dyf.stride(0), dyf.stride(1), dyb.stride(0), dyb.stride(1), L, E, ch,
+        BD=bd, HAS_BF=bf is not None, HAS_BB=bb is not None, FAST=_FAST, num_warps=CONFIG["conv_warps"])
+    dw = dw.sum(0)
+    # contiguous (E, W) results, as the fake implementation promises
+    return (dx, dw[0:4].t().to(wf.dtype).contiguous(),
+            dw[8].to(bf.dtype, copy=True) if bf is not None else _empty(x),
+            dw[4:8].t().to(wb.dtype).contiguous(),
+            dw[9].to(bb.dtype, copy=True) if bb is not None else _empty(x))
+
+
+@torch.library.custom_op("vlonghorn::conv1d_silu_fwd", mutates_args=())
+def conv_fwd(x: Tensor, wf: Tensor, bf: Optional[Tensor], wb: Tensor, bb: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return _conv_fwd_impl(x, wf, bf, wb, bb)
+
+
+@conv_fwd.register_fake
+def _(x, wf, bf, wb, bb):
+    B, L, E = x.shape
+    return x.new_empty(B, L, E), x.new_empty(B, L, E)
+
+
+@torch.library.custom_op("vlonghorn::conv1d_silu_bwd", mutates_args=())
+def conv_bwd(dyf: Tensor, dyb: Tensor, x: Tensor, wf: Tensor, bf: Optional[Tensor], wb: Tensor,
+             bb: Optional[Tensor]) -> List[Tensor]:
+    return list(_conv_bwd_impl(dyf, dyb, x, wf, bf, wb, bb))
+
+
+@conv_bwd.register_fake
+def _(dyf, dyb, x, wf, bf, wb, bb):
+    B, L, E = x.shape
+    return [x.new_empty(B, L, E), wf.new_empty(wf.shape), bf.new_empty(bf.shape) if bf is not None else _empty(x),
+            wb.new_empty(wb.shape), bb.new_empty(bb.shape) if bb is not None else _empty(x)]
+
+
+def _conv_setup(ctx, inputs, output):
+    x, wf, bf, wb, bb = inputs
+    ctx.save_for_backward(x, wf, bf, wb, bb)
+
+
+def _conv_backward(ctx, dyf, dyb):
+    x, wf, bf, wb, bb = ctx.saved_tensors
+    if dyf is None:
+        dyf = torch.zeros_like(x)
+    if dyb is None:
+        dyb = torch.zeros_like(x)
+    dx, dwf, dbf, dwb, dbb = conv_bwd(dyf, dyb, x, wf, bf, wb, bb)
+    return dx, dwf, dbf if bf is not None else None, dwb, dbb if bb is not None else None
+
+
+conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def bidirectional_conv1d_silu_triton(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd):
+    """Depthwise conv1d (kernel 4) + SiLU of both directions from one read of x: returns (x_fwd, x_bwd)."""
+    if weight_fwd.shape[-1] != 4 or x.dtype == torch.float64:
+        import torch.nn.functional as F  # other widths and fp64: the plain PyTorch formulation
+        width, channels = weight_fwd.shape[-1], x.shape[-1]
+        xt = x.transpose(1, 2)
+        y_fwd = F.conv1d(xt, weight_fwd[:, None], bias_fwd, padding=width - 1, groups=channels)[..., :-(width - 1)]
+        y_bwd = F.conv1d(xt, weight_bwd.flip(-1)[:, None], bias_bwd, padding=width - 1,
+                         groups=channels)[..., width - 1:]
+        return F.silu(y_fwd).transpose(1, 2), F.silu(y_bwd).transpose(1, 2)
+    return conv_fwd(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd)

@@ -1,0 +1,313 @@
+"""The Triton kernels (kernels/, installed as vlonghorn.kernels) against the float64 sequential reference.
+
+Every output and every gradient of the fused scan (one direction and both) and of the bidirectional
+conv1d + SiLU, on awkward shapes: L = 1 and L not a multiple of any tile or checkpoint interval, channel counts
+that are not a multiple of the channel block, B = 1, strided inputs (slices of larger tensors, as the model
+passes them), a "strong write" case (one-hot k times 5, beta near 1), fp32 (relative error < 1e-5) and bf16
+(RMS-relative error < 1e-2 against the reference evaluated on the bf16-rounded inputs).
+
+Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set here before Triton is
+imported) at small shapes; the large-shape cases need CUDA and report as skipped without it.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton", reason="the Triton kernels need triton installed")
+
+from vlonghorn.kernels import (CONFIG, bidirectional_conv1d_silu_triton,  # noqa: E402
+                               bidirectional_longhorn_scan_triton, longhorn_scan_triton)
+from vlonghorn.ops.reference import bidirectional_conv1d_silu_ref, longhorn_scan_ref  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (large shapes are too slow for the interpreter)")
+if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    raise RuntimeError("tests/test_kernels.py needs TRITON_INTERPRET=1 on a machine without CUDA "
+                       "(vlonghorn.kernels was imported before this module could set it)")
+
+# Small launch parameters for the interpreter, so that short sequences still cross several checkpoint
+# windows (ck) and backward tiles (bwd_tt) and the channel count is not a multiple of the block.
+SMALL_CFG = {"fwd_bd": 32, "fwd_warps": 1, "bwd_bd": 32, "bwd_warps": 1, "bwd_tt": 4, "ck": 16,
+             "conv_bd": 32, "conv_warps": 1, "conv_ch": 8}
+
+
+@pytest.fixture
+def config(request):
+    """Temporarily replace kernel launch parameters: SMALL_CFG on the interpreter, the defaults on CUDA."""
+    saved = dict(CONFIG)
+    CONFIG.update(getattr(request, "param", None) or ({} if CUDA else SMALL_CFG))
+    yield CONFIG
+    CONFIG.clear()
+    CONFIG.update(saved)
+
+
+def _rel(a, b):
+    """RMS-relative error of a against the float64 reference b."""
+    a = a.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _check(name, got, ref, dtype):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    err = _rel(got, ref)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+    return err
+
+
+def _scan_inputs(B, L, E, N, dtype, strided=False, strong=False, has_D=True, has_z=True, seed=0):
+    """Inputs of one scan direction (leaf tensors, requires_grad), laid out as the model produces them."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    x = rnd(B, L, E)
+    dt = rnd(B, L, E, scale=1.0, shift=-1.0)
+    k, q = rnd(B, L, N, scale=0.5), rnd(B, L, N, scale=0.5)
+    bias = rnd(E, scale=0.5)
+    D = rnd(E) if has_D else None
+    z = rnd(B, L, E) if has_z else None
+    if strong:
+        # strong writes: k one-hot times 5 on half the tokens, beta = sigmoid(dt + bias) close to 1
+        hot = F.one_hot(torch.randint(0, N, (B, L), generator=g), N).float() * 5.0
+        sel = (torch.rand(B, L, 1, generator=g) < 0.5).float()
+        k = sel * hot + (1 - sel) * k
+        dt = dt.abs() + 6.0
+    leaves = {}
+
+    def leaf(name, t):
+        t = t.to(DEV, dtype)
+        leaves[name] = t.requires_grad_()
+        return t
+
+    if strided:
+        # x, z = in_proj(h).chunk(2, -1) and k, q = slices of x_proj's output (after a 5-wide dt_low)
+        xz = leaf("xz", torch.cat([x, z if z is not None else rnd(B, L, E)], -1))
+        x_v, z_v = xz[..., :E], (xz[..., E:] if has_z else None)
+        kq = leaf("kq", torch.cat([rnd(B, L, 5), k, q], -1))
+        k_v, q_v = kq[..., 5:5 + N], kq[..., 5 + N:]
+    else:
+        x_v, k_v, q_v = leaf("x", x), leaf("k", k), leaf("q", q)
+        z_v = leaf("z", z) if has_z else None
+    dt_v = leaf("dt", dt)
+    bias_v = leaf("dt_bias", bias.to(torch.float32))  # parameters stay fp32 under autocast
+    D_v = leaf("D", D.to(torch.float32)) if has_D else None
+    return dict(x=x_v, dt=dt_v, k=k_v, q=q_v, dt_bias=bias_v, D=D_v, z=z_v), leaves
+
+
+def _grads(out, leaves, grad_out):
+    names = list(leaves)
+    gs = torch.autograd.grad(out, [leaves[n] for n in names], grad_out)
+    return dict(zip(names, gs))
+
+
+# ------------------------------------------------------------------------------------------- scan, one direction
+SCAN_CASES = [
+    # B, L, E, N, dtype, reverse, strided, strong, has_D, has_z
+    pytest.param(2, 37, 40, 16, torch.float32, False, False, False, True, True, id="fp32"),
+    pytest.param(2, 37, 40, 16, torch.float32, True, False, False, True, True, id="fp32-reverse"),
+    pytest.param(1, 1, 40, 16, torch.float32, True, False, False, True, True, id="L1-reverse"),
+    pytest.param(1, 21, 33, 16, torch.float32, False, True, False, False, False, id="strided-noD-noz"),
+    pytest.param(2, 26, 40, 16, torch.float32, True, False, True, True, True, id="strong-write"),
+    pytest.param(2, 19, 40, 8, torch.float32, False, False, False, True, False, id="N8"),
+    pytest.param(2, 37, 40, 16, torch.bfloat16, True, True, False, True, True, id="bf16-strided"),
+    pytest.param(3, 300, 200, 16, torch.float32, False, True, True, True, True, id="large-fp32",
+                 marks=needs_cuda),
+    pytest.param(3, 300, 200, 16, torch.float32, True, False, False, True, True, id="large-fp32-reverse",
+                 marks=needs_cuda),
+    pytest.param(2, 197, 768, 16, torch.bfloat16, True, True, True, True, True, id="large-bf16",
+                 marks=needs_cuda),
+]
+
+
+@pytest.mark.parametrize("B,L,E,N,dtype,reverse,strided,strong,has_D,has_z", SCAN_CASES)
+def test_longhorn_scan(config, B, L, E, N, dtype, reverse, strided, strong, has_D, has_z):
+    inputs, leaves = _scan_inputs(B, L, E, N, dtype, strided, strong, has_D, has_z)
+    y = longhorn_scan_triton(**inputs, reverse=reverse)
+    assert y.dtype == dtype and y.shape == (B, L, E)
+    grad_out = torch.randn(B, L, E, device=DEV, dtype=dtype)
+    got = _grads(y, leaves, grad_out)
+    y_ref = longhorn_scan_ref(**inputs, reverse=reverse)
+    ref = _grads(y_ref, leaves, grad_out.double())
+    _check("y", y, y_ref, dtype)
+    for name in leaves:
+        assert got[name].dtype == leaves[name].dtype
+        _check(f"d{name}", got[name], ref[name], dtype)
+
+
+# ------------------------------------------------------------------------------------------ scan, both directions
+BIDIR_CASES = [
+    # B, L, E, dtype, strided, strong, has_D, has_z
+    pytest.param(2, 37, 40, torch.float32, False, False, True, True, id="fp32"),
+    pytest.param(1, 1, 33, torch.float32, False, False, True, True, id="L1"),
+    pytest.param(1, 8, 40, torch.float32, True, False, True, True, id="strided-even-L"),
+    pytest.param(2, 23, 40, torch.float32, False, True, False, False, id="strong-noD-noz"),
+    pytest.param(2, 29, 72, torch.bfloat16, True, False, True, True, id="bf16-strided"),
+    pytest.param(3, 300, 200, torch.float32, True, True, True, True, id="large-fp32", marks=needs_cuda),
+    pytest.param(4, 197, 768, torch.bfloat16, True, False, True, True, id="large-bf16", marks=needs_cuda),
+]
+
+
+@pytest.mark.parametrize("B,L,E,dtype,strided,strong,has_D,has_z", BIDIR_CASES)
+def test_bidirectional_longhorn_scan(config, B, L, E, dtype, strided, strong, has_D, has_z):
+    N = 16
+    fwd, leaves_f = _scan_inputs(B, L, E, N, dtype, strided, strong, has_D, has_z, seed=1)
+    bwd, leaves_b = _scan_inputs(B, L, E, N, dtype, strided, strong, has_D, False, seed=2)
+    z = fwd["z"]
+    leaves = {**{f"{n}_fwd": t for n, t in leaves_f.items()}, **{f"{n}_bwd": t for n, t in leaves_b.items()}}
+    args = (fwd["x"], bwd["x"], fwd["dt"], bwd["dt"], fwd["k"], fwd["q"], bwd["k"], bwd["q"],
+            fwd["dt_bias"], bwd["dt_bias"], fwd["D"], bwd["D"], z)
+    y = bidirectional_longhorn_scan_triton(*args)
+    assert y.dtype == dtype and y.shape == (B, L, E)
+    grad_out = torch.randn(B, L, E, device=DEV, dtype=dtype)
+    got = _grads(y, leaves, grad_out)
+    fwd_nz, bwd_nz = dict(fwd, z=None), dict(bwd, z=None)
+    y_ref = (longhorn_scan_ref(**fwd_nz) + longhorn_scan_ref(**bwd_nz, reverse=True)) / 2
+    if z is not None:
+        y_ref = y_ref * F.silu(z.double())
+    ref = _grads(y_ref, leaves, grad_out.double())
+    _check("y", y, y_ref, dtype)
+    for name in leaves:
+        _check(f"d{name}", got[name], ref[name], dtype)
+
+
+def test_bidirectional_scan_is_deterministic(config):
+    B, L, E = (2, 21, 40) if not CUDA else (8, 197, 768)
+    fwd, leaves_f = _scan_inputs(B, L, E, 16, torch.bfloat16, True, False, seed=3)
+    bwd, leaves_b = _scan_inputs(B, L, E, 16, torch.bfloat16, True, False, has_z=False, seed=4)
+    leaves = list(leaves_f.values()) + list(leaves_b.values())
+    args = (fwd["x"], bwd["x"], fwd["dt"], bwd["dt"], fwd["k"], fwd["q"], bwd["k"], bwd["q"],
+            fwd["dt_bias"], bwd["dt_bias"], fwd["D"], bwd["D"], fwd["z"])
+    grad_out = torch.randn(B, L, E, device=DEV, dtype=torch.bfloat16)
+    runs = [torch.autograd.grad(bidirectional_longhorn_scan_triton(*args), leaves, grad_out) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_inference_saves_nothing(config):
+    """Without grad the forward writes no checkpoints; with grad it can be differentiated."""
+    from vlonghorn.kernels.interface import scan_fwd
+    inputs, _ = _scan_inputs(1, 9, 40, 16, torch.float32)
+    with torch.no_grad():
+        out, ypre, ck, rec = scan_fwd(inputs["x"], inputs["dt"], inputs["k"], inputs["q"], inputs["dt_bias"],
+                                      inputs["D"], None, None, None, None, None, None, inputs["z"], False, False)
+    assert ypre.numel() == ck.numel() == rec.numel() == 0
+    torch.testing.assert_close(out, longhorn_scan_triton(**inputs).detach())
+
+
+# ----------------------------------------------------------------------------------------------------- conv
+CONV_CASES = [
+    # B, L, E, dtype, strided, bias
+    pytest.param(2, 37, 40, torch.float32, False, True, id="fp32"),
+    pytest.param(1, 1, 33, torch.float32, True, True, id="L1-strided"),
+    pytest.param(2, 3, 40, torch.float32, False, False, id="L3-nobias"),
+    pytest.param(2, 19, 40, torch.bfloat16, True, True, id="bf16-strided"),
+    pytest.param(4, 300, 200, torch.float32, True, True, id="large-fp32", marks=needs_cuda),
+    pytest.param(8, 197, 768, torch.bfloat16, True, True, id="large-bf16", marks=needs_cuda),
+]
+
+
+@pytest.mark.parametrize("B,L,E,dtype,strided,bias", CONV_CASES)
+def test_bidirectional_conv1d_silu(config, B, L, E, dtype, strided, bias):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(B, L, 2 * E if strided else E, generator=g).to(DEV, dtype).requires_grad_()
+    x = base[..., :E] if strided else base
+    params = [torch.randn(E, 4, generator=g) * 0.5, torch.randn(E, generator=g) if bias else None,
+              torch.randn(E, 4, generator=g) * 0.5, torch.randn(E, generator=g) if bias else None]
+    params = [p.to(DEV).requires_grad_() if p is not None else None for p in params]
+    leaves = [base] + [p for p in params if p is not None]
+    y_fwd, y_bwd = bidirectional_conv1d_silu_triton(x, *params)
+    assert y_fwd.dtype == dtype and y_fwd.shape == (B, L, E) and y_bwd.shape == (B, L, E)
+    g_fwd, g_bwd = torch.randn_like(y_fwd), torch.randn_like(y_bwd)
+    got = torch.autograd.grad((y_fwd, y_bwd), leaves, (g_fwd, g_bwd))
+    r_fwd, r_bwd = bidirectional_conv1d_silu_ref(x, *params)
+    ref = torch.autograd.grad((r_fwd, r_bwd), leaves, (g_fwd.double(), g_bwd.double()))
+    _check("x_fwd", y_fwd, r_fwd, dtype)
+    _check("x_bwd", y_bwd, r_bwd, dtype)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        _check(f"grad {i}", a, b, dtype)
+
+
+# ------------------------------------------------------------------------------------- integration, compile
+def _mixer(x, z, conv_params, scan_params):
+    """A Vision Longhorn mixer's kernel calls, as the model makes them (no linear layers)."""
+    x_f, x_b = bidirectional_conv1d_silu_triton(x, *conv_params)
+    (dt_f, k_f, q_f, b_f, D_f), (dt_b, k_b, q_b, b_b, D_b) = scan_params
+    return bidirectional_longhorn_scan_triton(x_f, x_b, dt_f, dt_b, k_f, q_f, k_b, q_b, b_f, b_b, D_f, D_b, z)
+
+
+def test_torch_compile_fullgraph(config):
+    """The custom ops trace into one graph (fullgraph=True fails on any graph break) and match eager."""
+    B, L, E = (1, 11, 40) if not CUDA else (2, 197, 256)
+    gen = torch.Generator().manual_seed(6)
+
+    def p(*s):
+        return (torch.randn(*s, generator=gen) * 0.5).to(DEV).requires_grad_()
+
+    x, z = p(B, L, E), p(B, L, E)
+    conv_params = [p(E, 4), p(E), p(E, 4), p(E)]
+    scan_params = [[p(B, L, E), p(B, L, 16), p(B, L, 16), p(E), p(E)] for _ in range(2)]
+    fn = torch.compile(_mixer, fullgraph=True, backend="aot_eager" if not CUDA else "inductor")
+    y = fn(x, z, conv_params, scan_params)
+    y_eager = _mixer(x, z, conv_params, scan_params)
+    torch.testing.assert_close(y, y_eager)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@needs_cuda
+def test_autocast_bf16_matches_torch_backend(config):
+    """Under bf16 autocast (the model's setting) the Triton and PyTorch backends agree within bf16 noise."""
+    from vlonghorn import ops
+    torch.manual_seed(7)
+    B, L, d, E = 4, 197, 128, 256
+    lin_in = torch.nn.Linear(d, 2 * E).cuda()
+    lin_x = torch.nn.Linear(E, 8 + 32).cuda()
+    lin_dt = torch.nn.Linear(8, E).cuda()
+    conv = [torch.randn(E, 4, device="cuda") * 0.3, torch.zeros(E, device="cuda")] * 2
+    h = torch.randn(B, L, d, device="cuda")
+    results = []
+    for backend in ("triton", "torch"):
+        for m in (lin_in, lin_x, lin_dt):
+            m.zero_grad()
+        with torch.autocast("cuda", torch.bfloat16):
+            x, z = lin_in(h).chunk(2, -1)
+            x_f, x_b = ops.bidirectional_conv1d_silu(x, *conv, backend=backend)
+            dbl = lin_x(x_f)
+            dt, k, q = dbl.split([8, 16, 16], -1)
+            dt = lin_dt(dt)
+            y = ops.bidirectional_longhorn_scan(x_f, x_b, dt, dt, k, q, k, q, lin_dt.bias, lin_dt.bias,
+                                                None, None, z, backend=backend)
+        y.float().square().mean().backward()
+        results.append((y.float(), lin_in.weight.grad.clone(), lin_x.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        assert _rel(a, b.double()) < 2e-2
+
+
+def test_opcheck_registrations(config):
+    """torch.library's own checks of the schemas, fake implementations and autograd registrations."""
+    from vlonghorn.kernels.interface import conv_bwd, conv_fwd, scan_bwd, scan_fwd
+    inputs, _ = _scan_inputs(1, 5, 32, 16, torch.float32)
+    i = {n: (t.detach() if t is not None else None) for n, t in inputs.items()}
+    args = (inputs["x"], inputs["dt"], inputs["k"], inputs["q"], inputs["dt_bias"], inputs["D"],
+            None, None, None, None, None, None, inputs["z"], True, True)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(scan_fwd, args, test_utils=utils)
+    _, ypre, ck, rec = scan_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    g = torch.randn_like(i["x"])
+    torch.library.opcheck(scan_bwd, (g, i["x"], i["dt"], i["dt_bias"], i["D"], None, None, None, None, i["z"],
+                                     ypre, ck, rec, True, torch.float32, torch.float32, 16),
+                          test_utils=("test_schema", "test_faketensor"))
+    x = torch.randn(1, 5, 32, device=DEV, requires_grad=True)
+    w = torch.randn(32, 4, device=DEV, requires_grad=True)
+    torch.library.opcheck(conv_fwd, (x, w, None, w, None), test_utils=utils)
+    torch.library.opcheck(conv_bwd, (torch.randn_like(x), torch.randn_like(x), x.detach(), w.detach(), None,
+                                     w.detach(), None), test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,326 @@
+"""End-to-end tests of train.py on CPU with real data (scikit-learn's 8x8 digits written as an ImageFolder).
+
+Runs are subprocesses, as a user would start them; torch is pinned to one thread per process, which is both
+faster on small CPUs shared with other work and keeps the floating-point reduction order fixed.
+"""
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vlonghorn.data import ImageFolderDataset, build_eval_transform, export_digits_imagefolder
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+DIGITS_RECIPE = REPO / "configs" / "digits.yaml"
+TINY_KWARGS = dict(depth=2, embed_dim=48, patch_size=2, img_size=8)  # as in configs/digits.yaml
+# every source of randomness is on: drop-path, mixup/cutmix, RandAugment, random erasing, EMA, 2 loader workers
+RESUME_ARGS = ["--epochs", "3", "--batch-size", "16", "--grad-accum-steps", "2", "--checkpoint-steps", "4",
+               "--workers", "2", "--drop-path", "0.1", "--mixup", "0.4", "--cutmix", "0.4", "--mixup-prob", "0.7",
+               "--reprob", "0.3", "--aa", "rand-m5-n1", "--model-ema", "--model-ema-decay", "0.9"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    return env
+
+
+def run_train(*args, check=True, timeout=600, launcher=None):
+    cmd = [*(launcher or [sys.executable]), str(TRAIN), "--config", str(DIGITS_RECIPE), "--no-progress",
+           *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\nexited {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_summary(run_dir):
+    with open(Path(run_dir) / "summary.csv") as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _data_root(run_dir):
+    return Path(yaml.safe_load((run_dir / "args.yaml").read_text())["data_dir"])
+
+
+def _updates_per_epoch(run_dir):
+    """From an epoch-end checkpoint: updates so far / epochs so far."""
+    meta = json.loads(next((run_dir / "checkpoints").glob("epoch_*/meta.json")).read_text())
+    return meta["updates"] // (meta["epoch"] + 1)
+
+
+def assert_same_run(a, b):
+    """Two runs that must be identical: every eval metric and the final weights bit for bit."""
+    rows_a, rows_b = read_summary(a), read_summary(b)
+    assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("eval_loss", "eval_top1", "eval_top5", "lr", "ema_eval_loss", "ema_eval_top1", "ema_eval_top5"):
+            assert ra[key] == rb[key], (key, ra, rb)
+        # the training loss is summed in float64 with the partial sums split at checkpoints: equal to ~1e-12
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-9, abs=1e-12)
+    for weights in ("last/model.safetensors", "last/ema/model.safetensors"):
+        wa, wb = load_file(str(Path(a) / weights)), load_file(str(Path(b) / weights))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{weights} differ"
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    spec = importlib.util.spec_from_file_location("train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """All 1,797 digits (train/val), plus two unreadable files in the training split."""
+    root = export_digits_imagefolder(tmp_path_factory.mktemp("data") / "digits")
+    (root / "train" / "3" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing sensible")
+    (root / "train" / "7" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits, tmp_path_factory):
+    """32 training and 10 validation images per class: quick runs for the resume tests."""
+    root = tmp_path_factory.mktemp("data") / "small_digits"
+    for split, per_class in (("train", 32), ("val", 10)):
+        for class_dir in sorted((digits / split).iterdir()):
+            files = sorted(p for p in class_dir.iterdir() if p.name[0].isdigit())[:per_class]
+            (root / split / class_dir.name).mkdir(parents=True)
+            for p in files:
+                shutil.copy(p, root / split / class_dir.name / p.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits_run(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    run_train("--data-dir", digits, "--output", out, "--experiment", "digits", "--epochs", "4")
+    return out / "digits"
+
+
+@pytest.fixture(scope="module")
+def reference_run(small_digits, tmp_path_factory):
+    """An uninterrupted run that the interrupted ones must reproduce exactly."""
+    out = tmp_path_factory.mktemp("runs")
+    run_train("--data-dir", small_digits, "--output", out, "--experiment", "reference", *RESUME_ARGS)
+    return out / "reference"
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def test_help_documents_every_option(train_module):
+    parser = train_module.build_parser()
+    undocumented = [a.dest for a in parser._actions if a.dest != "help" and not (a.help or "").strip()]
+    assert not undocumented
+    options = {opt for a in parser._actions for opt in a.option_strings}
+    for required in ("--model", "--model-kwargs", "--data-dir", "--num-classes", "--img-size", "--batch-size",
+                     "--epochs", "--lr", "--weight-decay", "--warmup-epochs", "--drop-path", "--mixup", "--cutmix",
+                     "--smoothing", "--model-ema", "--workers", "--seed", "--output", "--resume",
+                     "--initial-checkpoint", "--pretrained", "--layer-decay", "--eval-only", "--config"):
+        assert required in options, required
+
+
+def test_command_line_overrides_recipe(train_module, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: vlonghorn_small\nlr: 0.1\nmodel-ema: true\nscale: [0.5, 1.0]\n"
+                      "model_kwargs: {depth: 4, embed_dim: 96}\n")
+    args = train_module.parse_args(["--config", str(recipe), "--lr", "0.2", "--no-model-ema",
+                                    "--model-kwargs", "depth=2", "patch_size=4"])
+    assert args.model == "vlonghorn_small" and args.lr == 0.2 and args.model_ema is False
+    assert args.scale == [0.5, 1.0]
+    assert args.model_kwargs == {"depth": 2, "embed_dim": 96, "patch_size": 4}
+    recipe.write_text("lr: 0.1\nlearning_rate_typo: 3\n")
+    with pytest.raises(SystemExit):
+        train_module.parse_args(["--config", str(recipe)])
+
+
+def test_missing_split_fails_before_training(digits, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(digits / "train", data / "train")
+    proc = run_train("--data-dir", data, "--output", tmp_path / "out", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "SplitError" in proc.stderr and "val" in proc.stderr and "does not exist" in proc.stderr
+    assert not (tmp_path / "out" / "digits-vlonghorn_tiny" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- learning
+
+def test_digits_learns_and_writes_timm_style_outputs(digits_run):
+    rows = read_summary(digits_run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    best = max(r["eval_top1"] for r in rows)
+    assert best >= 80.0, rows
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert all(r["skipped_images"] == 2 for r in rows)     # the two unreadable files, every epoch
+    for name in ("args.yaml", "summary.png", "train.log", "last/model.safetensors", "last/config.json",
+                 "best/model.safetensors", "best/info.json", "checkpoints/latest"):
+        assert (digits_run / name).is_file(), name
+    assert list((digits_run / "tensorboard").rglob("events.out.tfevents.*"))
+    info = json.loads((digits_run / "best" / "info.json").read_text())
+    assert info["eval_top1"] == best
+    assert "unreadable images were skipped" in (digits_run / "train.log").read_text()
+
+
+def test_best_weights_load_with_timm(digits_run):
+    import timm
+
+    import vlonghorn  # noqa: F401
+
+    weights = digits_run / "best" / "model.safetensors"
+    model = timm.create_model("vlonghorn_tiny", pretrained=True, num_classes=10, **TINY_KWARGS,
+                              pretrained_cfg_overlay=dict(file=str(weights), num_classes=10)).eval()
+    from_dir = timm.create_model(f"local-dir:{digits_run / 'best'}", pretrained=True).eval()
+    saved = load_file(str(weights))
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    cfg = timm.data.resolve_data_config(model=from_dir)
+    assert cfg["input_size"] == (3, 8, 8) and cfg["crop_pct"] == 1.0
+    # the reloaded model reproduces the recorded accuracy
+    val = ImageFolderDataset(_data_root(digits_run), "val",
+                             build_eval_transform(8, cfg["mean"], cfg["std"], crop_pct=cfg["crop_pct"]))
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    targets = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        logits = model(images)
+        torch.testing.assert_close(from_dir(images), logits)
+    top1 = 100.0 * (logits.argmax(1) == targets).double().mean().item()
+    assert top1 == pytest.approx(json.loads((digits_run / "best" / "info.json").read_text())["eval_top1"], abs=1e-6)
+
+
+def test_eval_only_and_finetune_new_head_and_resolution(digits_run, small_digits, train_module, tmp_path):
+    best = digits_run / "best"
+    best_top1 = json.loads((best / "info.json").read_text())["eval_top1"]
+    run_train("--data-dir", _data_root(digits_run), "--eval-only", "--initial-checkpoint", best,
+              "--output", tmp_path, "--experiment", "eval")
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert results["model"]["top1"] == pytest.approx(best_top1, abs=1e-6)
+
+    # fine-tuning: 12-way head and 12 px input from the 10-way, 8 px checkpoint; the trunk is loaded as is
+    args = train_module.parse_args(["--config", str(DIGITS_RECIPE), "--initial-checkpoint", str(best),
+                                    "--img-size", "12", "--num-classes", "12"])
+    model, arch_kwargs = train_module.create_model(args, num_classes=12)
+    saved = load_file(str(best / "model.safetensors"))
+    state = model.state_dict()
+    assert arch_kwargs["img_size"] == 12 and state["head.weight"].shape[0] == 12
+    resampled = [k for k in saved if k in state and saved[k].shape != state[k].shape]
+    assert resampled and all("pos_embed" in k or k.startswith("head.") for k in resampled), resampled
+    assert all(torch.equal(saved[k], state[k]) for k in saved if k in state and k not in resampled)
+    # layer-wise lr decay follows the model's group_matcher: deeper groups get larger lr scales, the head 1.0
+    optimizer = train_module.create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    scales = sorted({group["lr_scale"] for group in optimizer.param_groups})
+    assert len(scales) >= 3 and scales[-1] == 1.0 and scales[0] < 0.75
+    # and the whole fine-tuning path runs from the command line
+    run_train("--data-dir", small_digits, "--initial-checkpoint", best, "--img-size", "12", "--layer-decay", "0.75",
+              "--epochs", "1", "--output", tmp_path, "--experiment", "finetune")
+    rows = read_summary(tmp_path / "finetune")
+    assert len(rows) == 1 and rows[0]["eval_top1"] > 10.0   # above chance after one epoch
+
+
+# ---------------------------------------------------------------------------------------------------- never lose work
+
+def test_resume_at_epoch_boundary_matches_uninterrupted(reference_run, small_digits):
+    out = reference_run.parent
+    run_train("--data-dir", small_digits, "--output", out, "--experiment", "epoch_stop", *RESUME_ARGS,
+              "--stop-after-epochs", "1")
+    assert len(read_summary(out / "epoch_stop")) == 1
+    # a second start without --resume refuses to overwrite the run
+    proc = run_train("--data-dir", small_digits, "--output", out, "--experiment", "epoch_stop", *RESUME_ARGS,
+                     check=False)
+    assert proc.returncode != 0 and "--resume auto" in proc.stderr + proc.stdout
+    run_train("--data-dir", small_digits, "--output", out, "--experiment", "epoch_stop", *RESUME_ARGS,
+              "--resume", "auto")
+    assert_same_run(reference_run, out / "epoch_stop")
+
+
+def test_resume_mid_epoch_matches_uninterrupted(reference_run, small_digits):
+    out = reference_run.parent
+    updates_per_epoch = _updates_per_epoch(reference_run)
+    stop_at = updates_per_epoch + updates_per_epoch // 2 + 1           # inside epoch 1, not on a checkpoint step
+    run_train("--data-dir", small_digits, "--output", out, "--experiment", "mid_stop", *RESUME_ARGS,
+              "--stop-after-steps", stop_at)
+    ckpt_dir = out / "mid_stop" / "checkpoints"
+    latest = (ckpt_dir / "latest").read_text().strip()
+    assert latest == f"step_{stop_at:09d}"
+    state = json.loads((ckpt_dir / latest / "meta.json").read_text())
+    assert state["epoch"] == 1 and 0 < state["samples_done"]
+    assert len([d for d in ckpt_dir.iterdir() if d.is_dir()]) <= 2      # --keep-checkpoints 2 (default)
+    run_train("--data-dir", small_digits, "--output", out, "--experiment", "mid_stop", *RESUME_ARGS,
+              "--resume", "auto")
+    assert_same_run(reference_run, out / "mid_stop")
+
+
+def test_killed_run_resumes_to_the_same_result(reference_run, small_digits):
+    """SIGKILL (no chance to clean up) right after the first epoch's checkpoint, then --resume auto."""
+    out = reference_run.parent
+    cmd = [sys.executable, str(TRAIN), "--config", str(DIGITS_RECIPE), "--no-progress", "--data-dir",
+           str(small_digits), "--output", str(out), "--experiment", "killed", *RESUME_ARGS]
+    latest = out / "killed" / "checkpoints" / "latest"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if latest.is_file() and latest.read_text().strip().startswith("epoch_"):
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL      # it really died mid-run (maybe before its first summary.csv)
+    assert not (out / "killed" / "summary.csv").exists() or len(read_summary(out / "killed")) < 3
+    run_train("--data-dir", small_digits, "--output", out, "--experiment", "killed", *RESUME_ARGS, "--resume", "auto")
+    assert_same_run(reference_run, out / "killed")
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(small_digits, tmp_path):
+    """A scheduler's SIGTERM (to the whole process group, loader workers included) ends the run with a checkpoint."""
+    cmd = [sys.executable, str(TRAIN), "--config", str(DIGITS_RECIPE), "--no-progress", "--data-dir",
+           str(small_digits), "--output", str(tmp_path), "--experiment", "term", *RESUME_ARGS]
+    latest = tmp_path / "term" / "checkpoints" / "latest"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not latest.is_file():
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "continue with --resume auto" in output
+    name = latest.read_text().strip()
+    assert (tmp_path / "term" / "checkpoints" / name / "meta.json").is_file()
+    assert len(read_summary(tmp_path / "term")) < 3
+
+
+# ---------------------------------------------------------------------------------------------------- distributed
+
+def test_accelerate_launch_two_processes(small_digits, tmp_path):
+    accelerate = shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate CLI not on PATH")
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = run_train("--cpu", "--data-dir", small_digits, "--output", tmp_path, "--experiment", "ddp", "--epochs", "2",
+                     "--workers", "0", "--model-ema", launcher=launcher)
+    assert "x 2 processes" in proc.stdout + proc.stderr
+    rows = read_summary(tmp_path / "ddp")
+    assert len(rows) == 2 and all(r["eval_top1"] is not None for r in rows)
+    ckpt = tmp_path / "ddp" / "checkpoints" / "epoch_0001"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
