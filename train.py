@@ -703,10 +703,15 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, layer_decay=args.layer_decay, **opt_kwargs)
     updates_per_epoch = (len(train_loader) // args.grad_accum_steps) if train_loader is not None else 1
+    warmup_epochs = args.warmup_epochs
+    if warmup_epochs >= args.epochs:  # e.g. a 1-epoch smoke or benchmark run of a recipe with 3 warm-up epochs
+        warmup_epochs = args.epochs - 1
+        _logger.warning("warm-up of %g epochs does not fit a %d-epoch run: using %d", args.warmup_epochs,
+                        args.epochs, warmup_epochs)
     # with a warm-up prefix timm appends the decay after the warm-up: shorten it so the run ends at --epochs
-    decay_span = args.epochs - args.warmup_epochs if args.warmup_prefix else args.epochs
+    decay_span = args.epochs - warmup_epochs if args.warmup_prefix else args.epochs
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=decay_span, warmup_epochs=args.warmup_epochs,
+        optimizer, sched=args.sched, num_epochs=decay_span, warmup_epochs=warmup_epochs,
         warmup_lr=args.warmup_lr, warmup_prefix=args.warmup_prefix, min_lr=args.min_lr,
         cooldown_epochs=args.cooldown_epochs, decay_epochs=args.decay_epochs,
         decay_milestones=args.decay_milestones, decay_rate=args.decay_rate,

@@ -313,13 +313,14 @@ def test_sigterm_checkpoints_and_exits_cleanly(small_digits, tmp_path):
 
 def test_accelerate_launch_two_processes(small_digits, tmp_path):
     accelerate = shutil.which("accelerate")
-    if accelerate is None:
-        pytest.skip("accelerate CLI not on PATH")
+    assert accelerate is not None, "the accelerate CLI (installed with the package) is not on PATH"
     launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = run_train("--cpu", "--data-dir", small_digits, "--output", tmp_path, "--experiment", "ddp", "--epochs", "2",
-                     "--workers", "0", "--model-ema", launcher=launcher)
+                     "--workers", "0", "--model-ema", "--warmup-epochs", "3", launcher=launcher)
     assert "x 2 processes" in proc.stdout + proc.stderr
+    # a recipe's warm-up longer than a short run is shortened, not a crash in the scheduler
+    assert "warm-up of 3 epochs does not fit a 2-epoch run: using 1" in proc.stdout + proc.stderr
     rows = read_summary(tmp_path / "ddp")
     assert len(rows) == 2 and all(r["eval_top1"] is not None for r in rows)
     ckpt = tmp_path / "ddp" / "checkpoints" / "epoch_0001"
