@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,17 +55,18 @@ def train_rate(args, gpus: int, log: Path) -> dict:
         "--model", args.model, "--model-kwargs", "patch_size=16", "--img-size", str(args.img_size),
         "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--epochs", "1",
         "--stop-after-steps", str(args.steps), "--log-interval", "1", "--no-progress", "--mixed-precision", "bf16",
-        "--output", str(log.parent / "runs"), "--experiment", f"scaling-{gpus}gpu", "--checkpoint-steps", "0"]
+        "--output", tempfile.mkdtemp(), "--experiment", f"scaling-{gpus}gpu", "--checkpoint-steps", "0"]
     with open(log, "w") as f:
         rc = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     points = [(int(m.group(1)), float(m.group(2))) for m in LINE.finditer(log.read_text())]
-    points = {step: rate for step, rate in points}  # the main process logs: per-process cumulative img/s
+    points = {step: rate for step, rate in points}  # train.py logs the cumulative img/s of all processes
     first, last = args.warmup_steps, max(points) if points else 0
     if rc != 0 or first not in points or last <= first:
         raise RuntimeError(f"{gpus}-GPU run failed (rc {rc}); see {log}")
-    elapsed = {s: s * args.batch_size / points[s] for s in (first, last)}
-    per_gpu = (last - first) * args.batch_size / (elapsed[last] - elapsed[first])
-    return dict(gpus=gpus, per_gpu_img_s=round(per_gpu, 1), total_img_s=round(per_gpu * gpus, 1),
+    global_batch = args.batch_size * gpus
+    elapsed = {s: s * global_batch / points[s] for s in (first, last)}
+    total = (last - first) * global_batch / (elapsed[last] - elapsed[first])
+    return dict(gpus=gpus, per_gpu_img_s=round(total / gpus, 1), total_img_s=round(total, 1),
                 steps_timed=last - first)
 
 

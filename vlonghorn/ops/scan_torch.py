@@ -94,8 +94,7 @@ def _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=False):
     batch, length, channels = x.shape
     y = torch.empty_like(x)
     state = x.new_zeros(batch, channels, k.shape[-1], dtype=cdtype)
-    decay = torch.empty_like(state)
-    one = torch.ones((), dtype=cdtype, device=x.device)
+    forget = torch.empty_like(state)
     bias = dt_bias.to(cdtype)
     D = D.to(cdtype) if D is not None else None
     boundaries = {}
@@ -112,9 +111,9 @@ def _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=False):
         steps = zip(eps[..., None].unbind(0), (eps * xc)[..., None].unbind(0), k2[:, :, None].unbind(0),
                     kc[:, :, None].unbind(0), qc[..., None].unbind(0), yc[..., None].unbind(0))
         for eps_t, ex_t, k2_t, k_t, q_t, y_t in (reversed(list(steps)) if reverse else steps):
-            torch.addcmul(one, eps_t, k2_t, value=-1, out=decay)          # 1 - eps k^2
-            state.mul_(decay).addcmul_(ex_t, k_t)
-            torch.matmul(state, q_t, out=y_t)
+            torch.mul(eps_t, k2_t, out=forget)                              # eps k^2 = 1 - decay
+            state.addcmul_(state, forget, value=-1).addcmul_(ex_t, k_t)
+            torch.bmm(state, q_t, out=y_t)
         if D is not None:
             yc = yc + D * xc
         if z is not None:
