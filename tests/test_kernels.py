@@ -6,8 +6,8 @@ that are not a multiple of the channel block, B = 1, strided inputs (slices of l
 passes them), a "strong write" case (one-hot k times 5, beta near 1), fp32 (relative error < 1e-5) and bf16
 (RMS-relative error < 1e-2 against the reference evaluated on the bf16-rounded inputs).
 
-Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set here before Triton is
-imported) at small shapes; the large-shape cases need CUDA and report as skipped without it.
+Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before Triton is imported) at small shapes; the large-shape cases need CUDA and report as skipped without it.
 """
 import os
 
@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton", reason="the Triton kernels need triton installed")
 
@@ -29,7 +27,7 @@ DEV = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (large shapes are too slow for the interpreter)")
 if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     raise RuntimeError("tests/test_kernels.py needs TRITON_INTERPRET=1 on a machine without CUDA "
-                       "(vlonghorn.kernels was imported before this module could set it)")
+                       "(tests/conftest.py sets it; was it overridden?)")
 
 # Small launch parameters for the interpreter, so that short sequences still cross several checkpoint
 # windows (ck) and backward tiles (bwd_tt) and the channel count is not a multiple of the block.
