@@ -221,3 +221,12 @@ def test_conv_takes_bf16_activations_with_fp32_parameters():
     for o, r in zip(out, ref):
         assert o.dtype == torch.bfloat16
         assert _rel(o, r) < 1e-2
+
+
+def test_backend_environment_variable_decides_auto(monkeypatch):
+    from vlonghorn.ops import longhorn
+    monkeypatch.setattr(longhorn, "_AUTO", "torch")
+    assert longhorn._resolve_backend("auto", torch.zeros(1)) == "torch"
+    monkeypatch.setattr(longhorn, "_AUTO", "cuda")
+    with pytest.raises(ValueError, match="VLONGHORN_BACKEND must be one of"):
+        longhorn._resolve_backend("auto", torch.zeros(1))

@@ -16,6 +16,8 @@ _BACKENDS = ("auto", "triton", "torch")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Set VLONGHORN_DEBUG=1 to check every op input for NaN/inf (one device sync per call, so off by default).
 _DEBUG = os.environ.get("VLONGHORN_DEBUG", "0") not in ("", "0")
+# VLONGHORN_BACKEND=torch (or triton) decides what backend="auto" means, e.g. to compare a model's two paths.
+_AUTO = os.environ.get("VLONGHORN_BACKEND", "auto")
 
 
 def triton_available():
@@ -30,6 +32,10 @@ def triton_available():
 def _resolve_backend(backend, x):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto" and _AUTO != "auto":
+        if _AUTO not in _BACKENDS:
+            raise ValueError(f"VLONGHORN_BACKEND must be one of {_BACKENDS}, got {_AUTO!r}")
+        backend = _AUTO
     if backend == "auto":
         return "triton" if x.is_cuda and triton_available() else "torch"
     if backend == "triton" and not triton_available():
