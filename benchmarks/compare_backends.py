@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LINE = re.compile(r"train \d+ \[(\d+)/\d+\] loss ([0-9.]+) .* (\d+) img/s")
+LINE = re.compile(r"train (\d+) \[(\d+)/(\d+)\] loss ([0-9.]+) .* (\d+) img/s")
 
 
 def run(backend, args):
@@ -29,7 +29,9 @@ def run(backend, args):
     proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{backend} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return {int(m.group(1)): (float(m.group(2)), float(m.group(3))) for m in LINE.finditer(proc.stdout + proc.stderr)}
+    # keyed by update number: epoch * updates per epoch + step within the epoch
+    return {int(m.group(1)) * int(m.group(3)) + int(m.group(2)): (float(m.group(4)), float(m.group(5)))
+            for m in LINE.finditer(proc.stdout + proc.stderr)}
 
 
 def main():
