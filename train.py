@@ -21,13 +21,11 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any

@@ -9,7 +9,6 @@ with the bidirectional block layout and middle class token of
 The mixer calls only `vlonghorn.ops`, which runs Triton kernels on CUDA tensors and PyTorch elsewhere.
 """
 import math
-from functools import partial
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
