@@ -221,3 +221,13 @@ def test_set_input_size_resamples_the_position_embedding():
 
 def test_is_a_vision_longhorn():
     assert isinstance(_nano(), VisionLonghorn)
+
+
+@pytest.mark.parametrize("content,suffix", [(b"not a checkpoint", "safetensors"), (b"not a checkpoint", "pth"),
+                                            (None, "pth")])
+def test_bad_pretrained_file_error_names_the_file(tmp_path, content, suffix):
+    path = tmp_path / f"weights.{suffix}"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(RuntimeError, match=f"could not load pretrained weights for vlonghorn_nano from {path}"):
+        timm.create_model("vlonghorn_nano", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))

@@ -9,11 +9,13 @@ with the bidirectional block layout and middle class token of
 The mixer calls only `vlonghorn.ops`, which runs Triton kernels on CUDA tensors and PyTorch elsewhere.
 """
 import math
+import pickle
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
@@ -447,14 +449,23 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionLongh
 
 def _create_vision_longhorn(variant: str, pretrained: bool = False, **kwargs) -> VisionLonghorn:
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        VisionLonghorn,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            VisionLonghorn,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as e:
+        if not pretrained:
+            raise
+        # timm's loaders say what failed but not which weights: name them (a missing or corrupt file, a bad URL).
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        source = overlay.get('file') or overlay.get('url') or overlay.get('hf_hub_id') or 'its pretrained cfg'
+        raise RuntimeError(
+            f'could not load pretrained weights for {variant} from {source}: {type(e).__name__}: {e}') from e
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
