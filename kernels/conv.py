@@ -27,15 +27,9 @@ def _load_x(x_b, t, sx_t, L, dmask):
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, yf_ptr, yb_ptr,
-                     sx_b, sx_t, L, E, CH,
-                     BD: tl.constexpr, HAS_BF: tl.constexpr, HAS_BB: tl.constexpr, FAST: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
-    t0 = tl.program_id(2) * CH
-    t1 = tl.minimum(t0 + CH, L)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    dmask = offs_d < E
+def _load_params(wf_ptr, bf_ptr, wb_ptr, bb_ptr, offs_d, dmask, BD: tl.constexpr, HAS_BF: tl.constexpr,
+                 HAS_BB: tl.constexpr):
+    """Both directions' 4 taps (weights are (E, 4)) and biases for a channel block, in fp32 (zero bias if none)."""
     wf0 = tl.load(wf_ptr + offs_d * 4 + 0, mask=dmask, other=0.0).to(tl.float32)
     wf1 = tl.load(wf_ptr + offs_d * 4 + 1, mask=dmask, other=0.0).to(tl.float32)
     wf2 = tl.load(wf_ptr + offs_d * 4 + 2, mask=dmask, other=0.0).to(tl.float32)
@@ -52,6 +46,21 @@ def _conv_fwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, yf_ptr, yb_ptr,
         bb = tl.load(bb_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
     else:
         bb = tl.zeros([BD], tl.float32)
+    return wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, yf_ptr, yb_ptr,
+                     sx_b, sx_t, L, E, CH,
+                     BD: tl.constexpr, HAS_BF: tl.constexpr, HAS_BB: tl.constexpr, FAST: tl.constexpr):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1)
+    t0 = tl.program_id(2) * CH
+    t1 = tl.minimum(t0 + CH, L)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    dmask = offs_d < E
+    wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb = _load_params(
+        wf_ptr, bf_ptr, wb_ptr, bb_ptr, offs_d, dmask, BD, HAS_BF, HAS_BB)
     x_b = x_ptr + b * sx_b + offs_d
     yf_b = yf_ptr + b * L * E + offs_d
     yb_b = yb_ptr + b * L * E + offs_d
@@ -97,22 +106,8 @@ def _conv_bwd_kernel(x_ptr, dyf_ptr, dyb_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, dx
     t1 = tl.minimum(t0 + CH, L)
     offs_d = pid_d * BD + tl.arange(0, BD)
     dmask = offs_d < E
-    wf0 = tl.load(wf_ptr + offs_d * 4 + 0, mask=dmask, other=0.0).to(tl.float32)
-    wf1 = tl.load(wf_ptr + offs_d * 4 + 1, mask=dmask, other=0.0).to(tl.float32)
-    wf2 = tl.load(wf_ptr + offs_d * 4 + 2, mask=dmask, other=0.0).to(tl.float32)
-    wf3 = tl.load(wf_ptr + offs_d * 4 + 3, mask=dmask, other=0.0).to(tl.float32)
-    wb0 = tl.load(wb_ptr + offs_d * 4 + 0, mask=dmask, other=0.0).to(tl.float32)
-    wb1 = tl.load(wb_ptr + offs_d * 4 + 1, mask=dmask, other=0.0).to(tl.float32)
-    wb2 = tl.load(wb_ptr + offs_d * 4 + 2, mask=dmask, other=0.0).to(tl.float32)
-    wb3 = tl.load(wb_ptr + offs_d * 4 + 3, mask=dmask, other=0.0).to(tl.float32)
-    if HAS_BF:
-        bf = tl.load(bf_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    else:
-        bf = tl.zeros([BD], tl.float32)
-    if HAS_BB:
-        bb = tl.load(bb_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    else:
-        bb = tl.zeros([BD], tl.float32)
+    wf0, wf1, wf2, wf3, wb0, wb1, wb2, wb3, bf, bb = _load_params(
+        wf_ptr, bf_ptr, wb_ptr, bb_ptr, offs_d, dmask, BD, HAS_BF, HAS_BB)
     x_b = x_ptr + b * sx_b + offs_d
     dyf_b = dyf_ptr + b * sdf_b + offs_d
     dyb_b = dyb_ptr + b * sdb_b + offs_d

@@ -85,7 +85,7 @@ class _LonghornScanTorch(torch.autograd.Function):
 
 
 def _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=False):
-    """Returns y (B, L, E) in x's dtype; with keep_boundaries, also the state entering each backward chunk.
+    """Returns y (B, L, E) in x's dtype; with keep_boundaries, instead the state entering each backward chunk.
 
     Each step updates one (B, E, N) state in place from per-token vectors, so nothing of size L * E * N is
     materialised: the state stays in cache and the forward moves O(B L (E + N)) bytes.
@@ -113,19 +113,22 @@ def _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=False):
         for eps_t, ex_t, k2_t, k_t, q_t, y_t in (reversed(list(steps)) if reverse else steps):
             torch.mul(eps_t, k2_t, out=forget)                              # eps k^2 = 1 - decay
             state.addcmul_(state, forget, value=-1).addcmul_(ex_t, k_t)
-            torch.linalg.vecdot(state, q_t, out=y_t)                        # cheaper than a bmm with N = 16
+            if not keep_boundaries:  # the backward's recompute needs the chunk boundaries only, not y
+                torch.linalg.vecdot(state, q_t, out=y_t)                    # cheaper than a bmm with N = 16
+        if keep_boundaries:
+            continue
         if D is not None:
             yc = yc + D * xc
         if z is not None:
             yc = yc * F.silu(_time_major(z, lo, hi, cdtype))
         y[:, lo:hi] = yc.transpose(0, 1).to(y.dtype)
-    return (y, boundaries) if keep_boundaries else y
+    return boundaries if keep_boundaries else y
 
 
 def _backward(grad_out, x, dt, k, q, dt_bias, D, z, reverse):
     """Exact gradients (longhorn.md section 3), walking chunks against the scan direction."""
     cdtype = _compute_dtype(x)
-    _, boundaries = _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=True)
+    boundaries = _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=True)
     bias = dt_bias.to(cdtype)
     D_c = D.to(cdtype) if D is not None else None
     dx, ddt, dz = (torch.empty_like(t) if t is not None else None for t in (x, dt, z))
