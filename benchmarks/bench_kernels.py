@@ -225,9 +225,10 @@ def errors():
 
 
 # ------------------------------------------------------------------------------------------------- sweep
-# (channels per program, warps[, backward tile], L1 prefetch of the next step's records)
-FWD_VARIANTS = [(64, 1, True), (64, 1, False), (32, 1, True), (128, 2, True)]
-BWD_VARIANTS = [(32, 1, 4, True), (32, 1, 4, False), (64, 1, 2, True), (64, 2, 4, True)]
+# forward: (channels per program, warps, L1 prefetch of the next step's records);
+# backward (one channel per thread): (channels per program, warps, steps per register tile, register cap)
+FWD_VARIANTS = [(64, 1, True), (64, 1, False), (32, 1, True)]
+BWD_VARIANTS = [(32, 1, 2, None), (32, 1, 2, 168), (64, 2, 2, 168), (32, 1, 4, 168)]
 
 
 def sweep(L):
@@ -245,29 +246,31 @@ def sweep(L):
         try:
             with torch.no_grad():
                 res["fwd"][key] = bench(lambda: ops.bidirectional_longhorn_scan(*a, backend="triton"))
+            res["fwd"][key + " (saving)"] = bench(lambda: scan_fwd(*fwd_args))
         except Exception as e:  # a configuration that does not compile or fit is reported, not fatal
             res["fwd"][key] = f"failed: {type(e).__name__}: {e}"[:200]
-        print("fwd", key, res["fwd"][key], flush=True)
-    ok = [(res["fwd"][f"bd{bd}-w{w}-pf{int(pf)}"], bd, w, pf) for bd, w, pf in FWD_VARIANTS
-          if isinstance(res["fwd"][f"bd{bd}-w{w}-pf{int(pf)}"], float)]
+        print("fwd", key, res["fwd"][key], res["fwd"].get(key + " (saving)"), flush=True)
+    # chosen by the training forward (saving), the one that training runs
+    ok = [(res["fwd"][f"bd{bd}-w{w}-pf{int(pf)} (saving)"], bd, w, pf) for bd, w, pf in FWD_VARIANTS
+          if isinstance(res["fwd"].get(f"bd{bd}-w{w}-pf{int(pf)} (saving)"), float)]
     _, bd, w, pf = min(ok)
     CONFIG.update(fwd_bd=bd, fwd_warps=w, fwd_prefetch=pf)
     y, ypre, ck, rec = scan_fwd(*fwd_args)
     g = torch.randn_like(y)
     bwd_args = (g, f["x"], f["dt"], f["dt_bias"], f["D"], b["x"], b["dt"], b["dt_bias"], b["D"], z, ypre, ck,
                 rec, False, f["k"].dtype, f["q"].dtype, N)
-    for bd, w, tt, pf in BWD_VARIANTS:
-        key = f"bd{bd}-w{w}-tt{tt}-pf{int(pf)}"
-        CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, bwd_prefetch=pf)
+    for bd, w, tt, mr in BWD_VARIANTS:
+        key = f"bd{bd}-w{w}-tt{tt}-maxnreg{mr}"
+        CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, bwd_maxnreg=mr)
         try:
             res["bwd"][key] = bench(lambda: scan_bwd(*bwd_args))
         except Exception as e:
             res["bwd"][key] = f"failed: {type(e).__name__}: {e}"[:200]
         print("bwd", key, res["bwd"][key], flush=True)
-    ok = [(res["bwd"][f"bd{bd}-w{w}-tt{tt}-pf{int(pf)}"], bd, w, tt, pf) for bd, w, tt, pf in BWD_VARIANTS
-          if isinstance(res["bwd"][f"bd{bd}-w{w}-tt{tt}-pf{int(pf)}"], float)]
-    _, bd, w, tt, pf = min(ok)
-    CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, bwd_prefetch=pf)
+    ok = [(res["bwd"][f"bd{bd}-w{w}-tt{tt}-maxnreg{mr}"], bd, w, tt, mr) for bd, w, tt, mr in BWD_VARIANTS
+          if isinstance(res["bwd"][f"bd{bd}-w{w}-tt{tt}-maxnreg{mr}"], float)]
+    _, bd, w, tt, mr = min(ok, key=lambda r: r[0])
+    CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, bwd_maxnreg=mr)
     res["chosen"] = dict(CONFIG)
     return res
 
@@ -278,7 +281,11 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[197, 4097])
     ap.add_argument("--sweep", action="store_true", help="try launch configurations first (compiles more)")
     ap.add_argument("--no-torch-long", action="store_true", help="skip the PyTorch path at L > 1000")
+    ap.add_argument("--sweep-only", action="store_true", help="only the launch-configuration sweep at L=197")
     opt = ap.parse_args()
+    if opt.sweep_only:
+        print(json.dumps(sweep(197), indent=1))
+        return
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.cuda.get_device_name()
     meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,

@@ -27,11 +27,12 @@ __all__ = ["longhorn_scan_triton", "bidirectional_longhorn_scan_triton", "bidire
 # checkpoints (= the backward's window); TT: steps per register tile in the backward.
 CONFIG = {
     "fwd_bd": 64, "fwd_warps": 1,
-    "bwd_bd": 32, "bwd_warps": 1, "bwd_tt": 4, "ck": 64,
+    "bwd_bd": 32, "bwd_warps": 1, "bwd_tt": 2, "ck": 64,
+    "bwd_maxnreg": None,  # register cap for the backward (ptxas spills past it; more resident warps)
     "conv_bd": 128, "conv_warps": 1, "conv_ch": 64,
     # L1 prefetch of the next step's per-token records (GPU only): halves the forward on an H100 (613 -> 322 us
-    # at B=128, L=197); no gain in the backward (4.03 vs 4.33 ms), so off there
-    "fwd_prefetch": True, "bwd_prefetch": False,
+    # at B=128, L=197)
+    "fwd_prefetch": True,
 }
 if os.environ.get("VLONGHORN_KERNEL_CONFIG"):  # e.g. the launch configuration a benchmark sweep chose
     import json
@@ -119,6 +120,9 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
     ndir = 2 if bidir else 1
     grad, xa, dta, xb, dtb, z = (_unit_channel_stride(t) for t in (grad, xa, dta, xb, dtb, z))
     bd, tt, ck_every = CONFIG["bwd_bd"], CONFIG["bwd_tt"], CONFIG["ck"]
+    if bd != 32 * CONFIG["bwd_warps"] or ck_every % tt:
+        raise ValueError(f"backward launch config: need bwd_bd = 32 * bwd_warps (one channel per thread) and ck a "
+                         f"multiple of bwd_tt, got {CONFIG}")
     nblk = triton.cdiv(E, bd)
     nck = ck.shape[2]
     bdf = CONFIG["fwd_bd"]
@@ -144,12 +148,11 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
         grad.stride(0), grad.stride(1), zz.stride(0), zz.stride(1), xa.stride(0), xa.stride(1),
         dta.stride(0), dta.stride(1), xb_.stride(0), xb_.stride(1), dtb_.stride(0), dtb_.stride(1),
         L, E, B, nck, triton.cdiv(E, bdf),
-        N=N, BD=bd, R=_per_thread(bd, CONFIG["bwd_warps"]), W=CONFIG["bwd_warps"], CK=ck_every, TT=tt,
+        N=N, BD=bd, W=CONFIG["bwd_warps"], CK=ck_every, TT=tt,
         REC_W=REC, PADT=PAD, BDF=bdf, RF=rf, WF=CONFIG["fwd_warps"],
         BIDIR=bidir, REVERSE=bool(reverse),
         HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter,
-        PREFETCH=CONFIG["bwd_prefetch"] and _FAST,
-        num_warps=CONFIG["bwd_warps"])
+        num_warps=CONFIG["bwd_warps"], **({"maxnreg": CONFIG["bwd_maxnreg"]} if CONFIG["bwd_maxnreg"] and _FAST else {}))
     res = []
     for i, (dx, ddt, bias, D) in enumerate(((dxa, ddta, bias_a, Da), (dxb, ddtb, bias_b, Db))[:ndir]):
         # deterministic sums of the per-block partials; every returned tensor is its own allocation

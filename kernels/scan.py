@@ -31,81 +31,6 @@ def _rcp(x, FAST: tl.constexpr):
         return 1.0 / x
 
 
-# One level of a warp reduce-scatter: lanes whose bit `m` is clear keep the low half of their values and send
-# the high half to the partner lane (lane ^ m), which does the opposite; both add what they receive.
-
-@triton.jit
-def _rs8(lo, hi):
-    return tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b32 l; .reg .f32 s, k, r; mov.u32 l, %laneid; and.b32 l, l, 8; " \
-    "setp.ne.u32 p, l, 0; selp.f32 s, $1, $2, p; selp.f32 k, $2, $1, p; " \
-    "shfl.sync.bfly.b32 r, s, 8, 0x1f, 0xffffffff; add.f32 $0, k, r; }",
-        "=f,f,f", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _rs4(lo, hi):
-    return tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b32 l; .reg .f32 s, k, r; mov.u32 l, %laneid; and.b32 l, l, 4; " \
-    "setp.ne.u32 p, l, 0; selp.f32 s, $1, $2, p; selp.f32 k, $2, $1, p; " \
-    "shfl.sync.bfly.b32 r, s, 4, 0x1f, 0xffffffff; add.f32 $0, k, r; }",
-        "=f,f,f", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _rs2(lo, hi):
-    return tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b32 l; .reg .f32 s, k, r; mov.u32 l, %laneid; and.b32 l, l, 2; " \
-    "setp.ne.u32 p, l, 0; selp.f32 s, $1, $2, p; selp.f32 k, $2, $1, p; " \
-    "shfl.sync.bfly.b32 r, s, 2, 0x1f, 0xffffffff; add.f32 $0, k, r; }",
-        "=f,f,f", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _rs1(lo, hi):
-    return tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b32 l; .reg .f32 s, k, r; mov.u32 l, %laneid; and.b32 l, l, 1; " \
-    "setp.ne.u32 p, l, 0; selp.f32 s, $1, $2, p; selp.f32 k, $2, $1, p; " \
-    "shfl.sync.bfly.b32 r, s, 1, 0x1f, 0xffffffff; add.f32 $0, k, r; }",
-        "=f,f,f", [lo, hi], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _halve(x, HALF: tl.constexpr, C: tl.constexpr):
-    y = tl.permute(tl.reshape(x, [2, HALF, C]), [1, 2, 0])
-    return tl.split(y)
-
-
-@triton.jit
-def _bfly16(x):
-    return tl.inline_asm_elementwise(
-        "{ .reg .f32 r; shfl.sync.bfly.b32 r, $1, 16, 0x1f, 0xffffffff; add.f32 $0, $1, r; }",
-        "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _lane_sum16(x, R: tl.constexpr, W: tl.constexpr, SCATTER: tl.constexpr):
-    """Sum over the channels of a block of an [16, BD] tensor (the state index in registers).
-
-    SCATTER (GPU, N = 16): returns [1, 32 W], lane l of each warp holding entry l % 16 summed over the warp's
-    channels (one partial per warp): the R channels of a thread first, then a reduce-scatter over 16 lanes
-    (15 shuffles) and one butterfly step. Otherwise a plain tl.sum over the block: [16]."""
-    if SCATTER:
-        C: tl.constexpr = 32 * W
-        if R > 1:
-            x = tl.sum(tl.reshape(x, [16, R, C]), axis=1)
-        lo, hi = _halve(x, 8, C)
-        x = _rs8(lo, hi)
-        lo, hi = _halve(x, 4, C)
-        x = _rs4(lo, hi)
-        lo, hi = _halve(x, 2, C)
-        x = _rs2(lo, hi)
-        lo, hi = _halve(x, 1, C)
-        return _bfly16(_rs1(lo, hi))
-    else:
-        return tl.sum(x, axis=1)
-
-
 @triton.jit
 def _prefetch(ptrs, FAST: tl.constexpr):
     """Bring the lines of `ptrs` into L1 (GPU only), a step or a tile before they are loaded: the per-token
@@ -264,74 +189,74 @@ def _scan_fwd_kernel(
         dta2 = _ld(dta_b, 1, sdta_t, L, dmask)
         xb2 = _ld(xb_b, L - 2, sxb_t, L, dmask)
         dtb2 = _ld(dtb_b, L - 2, sdtb_t, L, dmask)
-        for i in range(L):
-            tf = i
-            tb = L - 1 - i
-            # tf < tb: both partial; tf == tb: both here; tf > tb: both finals, partner partials read back
-            second = tf > tb
-            mid = tf == tb
-            final_f = tf >= tb
-            xa = xa1
-            dta = dta1
-            xb = xb1
-            dtb = dtb1
-            xa1 = xa2
-            dta1 = dta2
-            xb1 = xb2
-            dtb1 = dtb2
-            xa2 = _ld(xa_b, i + 2, sxa_t, L, dmask)
-            dta2 = _ld(dta_b, i + 2, sdta_t, L, dmask)
-            xb2 = _ld(xb_b, L - 3 - i, sxb_t, L, dmask)
-            dtb2 = _ld(dtb_b, L - 3 - i, sdtb_t, L, dmask)
-            ka, qa, kma, kappa_a = _load_rec(rec_a, tf, offs_n, N, REC_W, True)
-            kb, qb, kmb, kappa_b = _load_rec(rec_b, tb, offs_n, N, REC_W, True)
-            if PREFETCH:
-                _prefetch(rec_a + (tf + 1) * REC_W + lane2, FAST)
-                _prefetch(rec_b + (tb - 1) * REC_W + lane2, FAST)
-                _prefetch(out_b + tl.minimum(tf + 1, L - 1) * E, FAST)
-                _prefetch(out_b + tl.maximum(tb - 1, 0) * E, FAST)
-                if HAS_Z:
-                    _prefetch(z_b + tl.minimum(tf + 1, L - 1) * sz_t, FAST)
-                    _prefetch(z_b + tl.maximum(tb - 1, 0) * sz_t, FAST)
-            pf = tl.load(out_b + tf * E, mask=dmask & second, other=0.0).to(tl.float32)
-            pb = tl.load(out_b + tb * E, mask=dmask & second, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zf = tl.load(z_b + tf * sz_t, mask=dmask & final_f, other=0.0).to(tl.float32)
-                zb = tl.load(z_b + tb * sz_t, mask=dmask & final_f, other=0.0).to(tl.float32)
+        for c0 in range(0, L, CK):
             if SAVE:
-                if (i % CK == 0) & (i > 0):
-                    c = i // CK - 1
-                    tl.store(ck_a + c * CKS + ck_off, Sa)
-                    tl.store(ck_b + c * CKS + ck_off, Sb)
-            _, rden_a, eps_a = _coefs(dta, bias_a, kappa_a, FAST)
-            _, rden_b, eps_b = _coefs(dtb, bias_b, kappa_b, FAST)
-            Sa = _advance(Sa, xa, eps_a, rden_a, ka, kma)
-            Sb = _advance(Sb, xb, eps_b, rden_b, kb, kmb)
-            ya = tl.sum(Sa * qa[:, None], axis=0)
-            yb = tl.sum(Sb * qb[:, None], axis=0)
-            if HAS_D:
-                ya += Da * xa
-                yb += Db * xb
-            vf = ya + pf
-            if mid:
-                vf += yb
-            vb = yb + pb
-            of = vf
-            ob = vb
-            if final_f:
-                vf = vf * 0.5
-                vb = vb * 0.5
+                if c0 > 0:
+                    tl.store(ck_a + (c0 // CK - 1) * CKS + ck_off, Sa)
+                    tl.store(ck_b + (c0 // CK - 1) * CKS + ck_off, Sb)
+            for i in range(c0, tl.minimum(c0 + CK, L)):
+                tf = i
+                tb = L - 1 - i
+                # tf < tb: both partial; tf == tb: both here; tf > tb: both finals, partner partials read back
+                second = tf > tb
+                mid = tf == tb
+                final_f = tf >= tb
+                xa = xa1
+                dta = dta1
+                xb = xb1
+                dtb = dtb1
+                xa1 = xa2
+                dta1 = dta2
+                xb1 = xb2
+                dtb1 = dtb2
+                xa2 = _ld(xa_b, i + 2, sxa_t, L, dmask)
+                dta2 = _ld(dta_b, i + 2, sdta_t, L, dmask)
+                xb2 = _ld(xb_b, L - 3 - i, sxb_t, L, dmask)
+                dtb2 = _ld(dtb_b, L - 3 - i, sdtb_t, L, dmask)
+                ka, qa, kma, kappa_a = _load_rec(rec_a, tf, offs_n, N, REC_W, True)
+                kb, qb, kmb, kappa_b = _load_rec(rec_b, tb, offs_n, N, REC_W, True)
+                if PREFETCH:
+                    _prefetch(rec_a + (tf + 1) * REC_W + lane2, FAST)
+                    _prefetch(rec_b + (tb - 1) * REC_W + lane2, FAST)
+                    _prefetch(out_b + tl.minimum(tf + 1, L - 1) * E, FAST)
+                    _prefetch(out_b + tl.maximum(tb - 1, 0) * E, FAST)
+                    if HAS_Z:
+                        _prefetch(z_b + tl.minimum(tf + 1, L - 1) * sz_t, FAST)
+                        _prefetch(z_b + tl.maximum(tb - 1, 0) * sz_t, FAST)
+                pf = tl.load(out_b + tf * E, mask=dmask & second, other=0.0).to(tl.float32)
+                pb = tl.load(out_b + tb * E, mask=dmask & second, other=0.0).to(tl.float32)
                 if HAS_Z:
-                    of = vf * zf * _sigmoid(zf, FAST)
-                    ob = vb * zb * _sigmoid(zb, FAST)
-                else:
-                    of = vf
-                    ob = vb
-                if SAVE:
-                    tl.store(ypre_b + tf * E, vf.to(ypre_ptr.dtype.element_ty), mask=dmask)
-                    tl.store(ypre_b + tb * E, vb.to(ypre_ptr.dtype.element_ty), mask=dmask & second)
-            tl.store(out_b + tf * E, of.to(out_ptr.dtype.element_ty), mask=dmask)
-            tl.store(out_b + tb * E, ob.to(out_ptr.dtype.element_ty), mask=dmask & (tf != tb))
+                    zf = tl.load(z_b + tf * sz_t, mask=dmask & final_f, other=0.0).to(tl.float32)
+                    zb = tl.load(z_b + tb * sz_t, mask=dmask & final_f, other=0.0).to(tl.float32)
+                _, rden_a, eps_a = _coefs(dta, bias_a, kappa_a, FAST)
+                _, rden_b, eps_b = _coefs(dtb, bias_b, kappa_b, FAST)
+                Sa = _advance(Sa, xa, eps_a, rden_a, ka, kma)
+                Sb = _advance(Sb, xb, eps_b, rden_b, kb, kmb)
+                ya = tl.sum(Sa * qa[:, None], axis=0)
+                yb = tl.sum(Sb * qb[:, None], axis=0)
+                if HAS_D:
+                    ya += Da * xa
+                    yb += Db * xb
+                vf = ya + pf
+                if mid:
+                    vf += yb
+                vb = yb + pb
+                of = vf
+                ob = vb
+                if final_f:
+                    vf = vf * 0.5
+                    vb = vb * 0.5
+                    if HAS_Z:
+                        of = vf * zf * _sigmoid(zf, FAST)
+                        ob = vb * zb * _sigmoid(zb, FAST)
+                    else:
+                        of = vf
+                        ob = vb
+                    if SAVE:
+                        tl.store(ypre_b + tf * E, vf.to(ypre_ptr.dtype.element_ty), mask=dmask)
+                        tl.store(ypre_b + tb * E, vb.to(ypre_ptr.dtype.element_ty), mask=dmask & second)
+                tl.store(out_b + tf * E, of.to(out_ptr.dtype.element_ty), mask=dmask)
+                tl.store(out_b + tb * E, ob.to(out_ptr.dtype.element_ty), mask=dmask & (tf != tb))
     else:
         if REVERSE:
             t0 = L - 1
@@ -343,32 +268,105 @@ def _scan_fwd_kernel(
         dta1 = _ld(dta_b, t0, sdta_t, L, dmask)
         xa2 = _ld(xa_b, t0 + dts, sxa_t, L, dmask)
         dta2 = _ld(dta_b, t0 + dts, sdta_t, L, dmask)
-        for i in range(L):
-            t = t0 + dts * i
-            xa = xa1
-            dta = dta1
-            xa1 = xa2
-            dta1 = dta2
-            xa2 = _ld(xa_b, t + 2 * dts, sxa_t, L, dmask)
-            dta2 = _ld(dta_b, t + 2 * dts, sdta_t, L, dmask)
-            ka, qa, kma, kappa_a = _load_rec(rec_a, t, offs_n, N, REC_W, True)
-            if PREFETCH:
-                _prefetch(rec_a + (t + dts) * REC_W + lane2, FAST)
-                if HAS_Z:
-                    _prefetch(z_b + tl.minimum(tl.maximum(t + dts, 0), L - 1) * sz_t, FAST)
-            if HAS_Z:
-                zf = tl.load(z_b + t * sz_t, mask=dmask, other=0.0).to(tl.float32)
+        for c0 in range(0, L, CK):
             if SAVE:
-                if (i % CK == 0) & (i > 0):
-                    tl.store(ck_a + (i // CK - 1) * CKS + ck_off, Sa)
-            _, rden_a, eps_a = _coefs(dta, bias_a, kappa_a, FAST)
-            Sa = _advance(Sa, xa, eps_a, rden_a, ka, kma)
-            ya = tl.sum(Sa * qa[:, None], axis=0)
-            if HAS_D:
-                ya += Da * xa
-            if HAS_Z:
-                ya = ya * zf * _sigmoid(zf, FAST)
-            tl.store(out_b + t * E, ya.to(out_ptr.dtype.element_ty), mask=dmask)
+                if c0 > 0:
+                    tl.store(ck_a + (c0 // CK - 1) * CKS + ck_off, Sa)
+            for i in range(c0, tl.minimum(c0 + CK, L)):
+                t = t0 + dts * i
+                xa = xa1
+                dta = dta1
+                xa1 = xa2
+                dta1 = dta2
+                xa2 = _ld(xa_b, t + 2 * dts, sxa_t, L, dmask)
+                dta2 = _ld(dta_b, t + 2 * dts, sdta_t, L, dmask)
+                ka, qa, kma, kappa_a = _load_rec(rec_a, t, offs_n, N, REC_W, True)
+                if PREFETCH:
+                    _prefetch(rec_a + (t + dts) * REC_W + lane2, FAST)
+                    if HAS_Z:
+                        _prefetch(z_b + tl.minimum(tl.maximum(t + dts, 0), L - 1) * sz_t, FAST)
+                if HAS_Z:
+                    zf = tl.load(z_b + t * sz_t, mask=dmask, other=0.0).to(tl.float32)
+                _, rden_a, eps_a = _coefs(dta, bias_a, kappa_a, FAST)
+                Sa = _advance(Sa, xa, eps_a, rden_a, ka, kma)
+                ya = tl.sum(Sa * qa[:, None], axis=0)
+                if HAS_D:
+                    ya += Da * xa
+                if HAS_Z:
+                    ya = ya * zf * _sigmoid(zf, FAST)
+                tl.store(out_b + t * E, ya.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+# ------------------------------------------------------------------------------------------------- backward
+# The backward holds the state as a tuple of N row vectors [BD] (one channel per thread, channels across lanes):
+# every per-element operation is a plain elementwise op on [BD] vectors (no 2-D layouts, hence no layout
+# conversions through shared memory), sums over n are FFMA chains, and the per-token records arrive as scalars
+# from 16-byte vector loads.
+
+@triton.jit
+def _ld4(p, FAST: tl.constexpr):
+    """Four consecutive fp32 scalars at p (16-byte aligned): one vector load on the GPU."""
+    if FAST:
+        return tl.inline_asm_elementwise("ld.global.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,l", [p],
+                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True,
+                                         pack=1)
+    else:
+        return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+
+
+@triton.jit
+def _ld_row(p, N: tl.constexpr, FAST: tl.constexpr):
+    """p[0 .. N-1] as a tuple of N fp32 scalars."""
+    out = ()
+    if N >= 4:
+        for i in tl.static_range(N // 4):
+            a0, a1, a2, a3 = _ld4(p + 4 * i, FAST)
+            out = out + (a0, a1, a2, a3)
+    else:
+        for i in tl.static_range(N):
+            out = out + (tl.load(p + i),)
+    return out
+
+
+@triton.jit
+def _rec_rows(rec_b, t, N: tl.constexpr, REC_W: tl.constexpr, NEED_Q: tl.constexpr, FAST: tl.constexpr):
+    """Token t's record as scalars: k, q (if NEED_Q, else k again), kappa - k^2, kappa."""
+    p = rec_b + t * REC_W
+    k = _ld_row(p, N, FAST)
+    km = _ld_row(p + 2 * N, N, FAST)
+    if NEED_Q:
+        q = _ld_row(p + N, N, FAST)
+    else:
+        q = k
+    return k, q, km, tl.load(p + 3 * N)
+
+
+@triton.jit
+def _advance_rows(S, x, eps, rden, k, km, N: tl.constexpr):
+    # S_t[n] = f[n] S_{t-1}[n] + c[n] with f = rden + eps (kappa - k^2) (exact form of 1 - eps k^2), c = eps x k
+    ex = eps * x
+    out = ()
+    for n in tl.static_range(N):
+        out = out + ((rden + eps * km[n]) * S[n] + ex * k[n],)
+    return out
+
+
+@triton.jit
+def _bfly(x, M: tl.constexpr):
+    """x of the lane whose id differs in bit M (GPU only; M becomes the instruction's immediate)."""
+    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=f,f,r",
+                                     [x, tl.full(x.shape, M, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _reduce_scatter(v, lane, M: tl.constexpr):
+    """One level of a warp reduce-scatter over a tuple of 2M row vectors: lanes whose bit M is set keep (and
+    receive the partner's) upper half, the others the lower half; returns M rows."""
+    up = (lane & M) != 0
+    out = ()
+    for j in tl.static_range(M):
+        out = out + (tl.where(up, v[j + M], v[j]) + _bfly(tl.where(up, v[j], v[j + M]), M),)
+    return out
 
 
 @triton.jit
@@ -378,27 +376,27 @@ def _scan_bwd_kernel(
         dxa_ptr, ddta_ptr, dxb_ptr, ddtb_ptr, dz_ptr, dkq_ptr, dpar_ptr,
         sg_b, sg_t, sz_b, sz_t, sxa_b, sxa_t, sdta_b, sdta_t, sxb_b, sxb_t, sdtb_b, sdtb_t,
         L, E, B, NCK, NBLKF,
-        N: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr, CK: tl.constexpr,
+        N: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, CK: tl.constexpr,
         TT: tl.constexpr, REC_W: tl.constexpr, PADT: tl.constexpr, BDF: tl.constexpr, RF: tl.constexpr,
         WF: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, HAS_D: tl.constexpr,
-        HAS_Z: tl.constexpr, FAST: tl.constexpr, SCATTER: tl.constexpr, PREFETCH: tl.constexpr):
-    """Exact backward of one direction per program (grid axis 2 = direction).
+        HAS_Z: tl.constexpr, FAST: tl.constexpr, SCATTER: tl.constexpr):
+    """Exact backward of one direction per program (grid axis 2 = direction), one channel per thread.
 
     g_t = dLoss/dout_t * silu(z_t) (halved for two directions); adjoint H_t = g_t q_t + f_{t+1} H_{t+1}.
     Per window of CK steps (checkpoint from the forward), taken in reverse:
-      1. sweep forward from the checkpoint: store each tile start to scratch; dq_t = sum_d g_t S_t and dz_t
-         (direction 0) need only forward quantities, so they are produced here;
-      2. tiles in reverse: recompute the TT pre-update states S_{t-1} in registers, then walk back carrying
-         the adjoint: dx, ddt, dk (and the dbias, dD sums).
-    Writes dx, ddt (dense, contiguous), dz, per-block partials of dk, dq [.., L, 2N] and of dbias, dD [.., 2, E].
+      1. sweep forward from the checkpoint, storing the state at each tile start (every TT steps) to scratch;
+      2. tiles in reverse: recompute the TT + 1 states of the tile in registers (coefficients kept), then walk
+         back carrying the adjoint: dx, ddt, dz (direction 0), dk and dq (one reduce-scatter of their 2N
+         per-channel terms over the warp), and the dbias, dD sums.
+    Writes dx, ddt (dense, contiguous), dz, per-warp partials of dk, dq [.., L, 2N] and of dbias, dD [.., 2, E].
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
     dr = tl.program_id(2)
     nblk = tl.num_programs(0)
-    offs_d = _channels(pid_d, BD, R, W)
+    loc = tl.arange(0, BD)
+    offs_d = pid_d * BD + loc
     dmask = offs_d < E
-    offs_n = tl.arange(0, N)
     if dr == 0:
         x_b = xa_ptr + b * sxa_b + offs_d
         dt_b = dta_ptr + b * sdta_b + offs_d
@@ -434,148 +432,104 @@ def _scan_bwd_kernel(
     ypre_b = ypre_ptr + b * L * E + offs_d
     dz_b = dz_ptr + b * L * E + offs_d
     rec_b = rec_ptr + ((dr * B + b) * (L + 2 * PADT) + PADT) * REC_W
-    lane2 = tl.arange(0, 32) * (REC_W // 32)
     CKS = NBLKF * (N * BDF)
     ck_b = ck_ptr + (dr * B + b) * NCK * CKS
-    if SCATTER:
-        # per-warp partials [ndir, nblk * W, B, L, 2N]; lanes 0-15 of each warp write the 16 entries
-        lane_j = tl.arange(0, 32 * W)[None, :]
-        lane_v = lane_j % 32
-        lane_n = lane_v % 16
-        lane_st = lane_v < 16
-        dkq_w = dkq_ptr + (((dr * nblk + pid_d) * W + lane_j // 32) * B + b) * L * (2 * N) + lane_n
-    else:
-        dkq_b = dkq_ptr + ((dr * nblk + pid_d) * B + b) * L * (2 * N) + offs_n
-    NTILE: tl.constexpr = CK // TT
-    scr_b = scr_ptr + ((dr * B + b) * nblk + pid_d) * (NTILE * N * BD)
-    scr_off = _priv_off(offs_n, BD)
-    # the forward wrote its checkpoints in its own blocks of BDF channels: invert its channel map
+    # the forward wrote its checkpoints in its own blocks of BDF channels (see _channels / _priv_off)
     cf = offs_d % BDF
     j = (cf % RF) * (32 * WF) + cf // RF
-    ck_off = (offs_d // BDF) * (N * BDF) + offs_n[:, None] * BDF + ((j % 2) * (BDF // 2) + j // 2)[None, :]
+    ck_col = (offs_d // BDF) * (N * BDF) + ((j % 2) * (BDF // 2) + j // 2)
+    if SCATTER:
+        # per-warp partials [ndir, nblk * W, B, L, 2N]: lane l of each warp ends up with entry l
+        lane = loc % 32
+        dkq_w = dkq_ptr + (((dr * nblk + pid_d) * W + loc // 32) * B + b) * L * (2 * N) + lane
+    else:
+        dkq_b = dkq_ptr + ((dr * nblk + pid_d) * B + b) * L * (2 * N)
+    lane_rec = (loc % 32) * (REC_W // 32)       # one 8-byte slice of a record row per lane (L1 prefetches)
+    NTILE: tl.constexpr = CK // TT
+    scr_b = scr_ptr + ((dr * B + b) * nblk + pid_d) * (NTILE * N * BD) + loc
 
-    Wc = tl.zeros([N, BD], tl.float32)      # f_{s+1} * H_{s+1}, carried against the scan order
-    acc_db = tl.zeros([BD], tl.float32)
-    acc_dD = tl.zeros([BD], tl.float32)
+    zero = tl.zeros([BD], tl.float32)
+    Wc = ()                                   # f_{s+1} * H_{s+1}, carried against the scan order
+    for n in tl.static_range(N):
+        Wc = Wc + (zero,)
+    acc_db = zero
+    acc_dD = zero
     NW = (L + CK - 1) // CK
     for wi in range(NW):
         w = NW - 1 - wi
         s0 = w * CK
-        S = tl.load(ck_b + (w - 1) * CKS + ck_off, mask=dmask[None, :] & (w > 0), other=0.0)
         ntile = (tl.minimum(CK, L - s0) + TT - 1) // TT
-        # 1. sweep the window forward from its checkpoint; the per-channel inputs (HBM) two steps ahead
-        t_a = s0 + rev * (L - 1 - 2 * s0)
-        t_b = (s0 + 1) + rev * (L - 1 - 2 * (s0 + 1))
-        x1 = _ld(x_b, t_a, sx_t, L, dmask)
-        dt1 = _ld(dt_b, t_a, sdt_t, L, dmask)
-        G1 = _ld(g_b, t_a, sg_t, L, dmask)
-        x2 = _ld(x_b, t_b, sx_t, L, dmask)
-        dt2 = _ld(dt_b, t_b, sdt_t, L, dmask)
-        G2 = _ld(g_b, t_b, sg_t, L, dmask)
-        if HAS_Z:
-            z1 = _ld(z_b, t_a, sz_t, L, dmask)
-            z2 = _ld(z_b, t_b, sz_t, L, dmask)
-        for s in range(s0, s0 + ntile * TT):
-            t = s + rev * (L - 1 - 2 * s)
-            valid = (s < L)
-            m = dmask & valid
-            x = x1
-            dt = dt1
-            G = G1
-            x1 = x2
-            dt1 = dt2
-            G1 = G2
-            t2 = (s + 2) + rev * (L - 1 - 2 * (s + 2))
-            x2 = _ld(x_b, t2, sx_t, L, dmask)
-            dt2 = _ld(dt_b, t2, sdt_t, L, dmask)
-            G2 = _ld(g_b, t2, sg_t, L, dmask)
-            if HAS_Z:
-                zz = z1
-                z1 = z2
-                z2 = _ld(z_b, t2, sz_t, L, dmask)
-            k, q, km, kappa = _load_rec(rec_b, t, offs_n, N, REC_W, True)
-            if PREFETCH:
-                _prefetch(rec_b + t2 * REC_W + lane2, FAST)
-                if HAS_Z:
-                    if BIDIR:
-                        _prefetch(ypre_b + tl.minimum(tl.maximum(t2, 0), L - 1) * E, FAST)
-            if HAS_Z:
-                if BIDIR:
-                    y = tl.load(ypre_b + t * E, mask=m & (dr == 0), other=0.0).to(tl.float32)
-            if (s - s0) % TT == 0:
-                tl.store(scr_b + ((s - s0) // TT) * (N * BD) + scr_off, S)
-            _, rden, eps = _coefs(dt, bias, kappa, FAST)
-            S = _advance(S, x, eps, rden, k, km)
-            if HAS_Z:
-                sz = _sigmoid(zz, FAST)
-                g = G * (zz * sz) * gscale
-                if dr == 0:
-                    if not BIDIR:
-                        y = tl.sum(S * q[:, None], axis=0)
-                        if HAS_D:
-                            y += Dp * x
-                    dz = G * y * sz * (1.0 + zz * (1.0 - sz))
-                    tl.store(dz_b + t * E, dz.to(dz_ptr.dtype.element_ty), mask=m)
-            else:
-                g = G * gscale
-            dq = _lane_sum16(g[None, :] * S, R, W, SCATTER)
-            if SCATTER:
-                tl.store(dkq_w + t * (2 * N) + N, dq, mask=lane_st & valid)
-            else:
-                tl.store(dkq_b + t * (2 * N) + N, dq, mask=valid)
-        # 2. tiles in reverse: recompute the TT pre-update states in registers, then walk them backwards.
-        #    The next tile's start state and per-channel inputs are loaded one tile ahead.
-        jt = ntile - 1
-        S_next = tl.load(scr_b + jt * (N * BD) + scr_off)
-        px = ()
-        pdt = ()
-        pg = ()
-        pz = ()
+        # 1. sweep the window from its checkpoint, storing each tile's start state; x and dt one tile ahead
+        S = ()
+        for n in tl.static_range(N):
+            S = S + (tl.load(ck_b + (w - 1) * CKS + ck_col + n * BDF, mask=dmask & (w > 0), other=0.0),)
+        nx = ()
+        ndt = ()
         for jj in tl.static_range(TT):
-            sj = s0 + jt * TT + jj
+            sj = s0 + jj
             tj = sj + rev * (L - 1 - 2 * sj)
-            px = px + (_ld(x_b, tj, sx_t, L, dmask),)
-            pdt = pdt + (_ld(dt_b, tj, sdt_t, L, dmask),)
-            pg = pg + (_ld(g_b, tj, sg_t, L, dmask),)
-            if HAS_Z:
-                pz = pz + (_ld(z_b, tj, sz_t, L, dmask),)
-            else:
-                pz = pz + (pg[jj],)
+            nx = nx + (_ld(x_b, tj, sx_t, L, dmask),)
+            ndt = ndt + (_ld(dt_b, tj, sdt_t, L, dmask),)
+        for jt in range(ntile):
+            scr_t = scr_b + jt * (N * BD)
+            for n in tl.static_range(N):
+                tl.store(scr_t + n * BD, S[n])
+            if jt < ntile - 1:
+                X = nx
+                DT = ndt
+                nx = ()
+                ndt = ()
+                for jj in tl.static_range(TT):
+                    sj = s0 + (jt + 1) * TT + jj
+                    tj = sj + rev * (L - 1 - 2 * sj)
+                    nx = nx + (_ld(x_b, tj, sx_t, L, dmask),)
+                    ndt = ndt + (_ld(dt_b, tj, sdt_t, L, dmask),)
+                    _prefetch(rec_b + tj * REC_W + lane_rec, FAST)
+                for jj in tl.static_range(TT):
+                    sj = s0 + jt * TT + jj
+                    tj = sj + rev * (L - 1 - 2 * sj)
+                    k, _, km, kappa = _rec_rows(rec_b, tj, N, REC_W, False, FAST)
+                    _, rden, eps = _coefs(DT[jj], bias, kappa, FAST)
+                    S = _advance_rows(S, X[jj], eps, rden, k, km, N)
+        # 2. tiles in reverse. The next tile's start state and per-channel inputs are prefetched into L1 one tile
+        #    ahead (register copies would cost 36 registers at the peak of the tile, where spills start).
         for jti in range(ntile):
             jt = ntile - 1 - jti
-            S = S_next
-            X = px
-            DT = pdt
-            GG = pg
-            ZZ = pz
-            # prefetch tile jt - 1 (masked off below the window's first tile); its records into L1
-            if PREFETCH:
+            S = ()
+            for n in tl.static_range(N):
+                S = S + (tl.load(scr_b + jt * (N * BD) + n * BD),)
+            if FAST:
+                nxt = scr_b + tl.maximum(jt - 1, 0) * (N * BD)
+                for n in tl.static_range(N):
+                    _prefetch(nxt + n * BD, FAST)
                 for jj in tl.static_range(TT):
                     sj = s0 + (jt - 1) * TT + jj
-                    _prefetch(rec_b + (sj + rev * (L - 1 - 2 * sj)) * REC_W + lane2, FAST)
-            S_next = tl.load(scr_b + (jt - 1) * (N * BD) + scr_off, mask=(jt > 0) & (offs_n[:, None] >= 0),
-                             other=0.0)
-            px = ()
-            pdt = ()
-            pg = ()
-            pz = ()
-            for jj in tl.static_range(TT):
-                sj = s0 + (jt - 1) * TT + jj
-                tj = sj + rev * (L - 1 - 2 * sj)
-                px = px + (_ld(x_b, tj, sx_t, L, dmask),)
-                pdt = pdt + (_ld(dt_b, tj, sdt_t, L, dmask),)
-                pg = pg + (_ld(g_b, tj, sg_t, L, dmask),)
-                if HAS_Z:
-                    pz = pz + (_ld(z_b, tj, sz_t, L, dmask),)
-                else:
-                    pz = pz + (pg[jj],)
+                    tj = tl.minimum(tl.maximum(sj + rev * (L - 1 - 2 * sj), 0), L - 1)
+                    _prefetch(rec_b + tj * REC_W + lane_rec, FAST)
+                    _prefetch(x_b + tj * sx_t, FAST)
+                    _prefetch(dt_b + tj * sdt_t, FAST)
+                    _prefetch(g_b + tj * sg_t, FAST)
+                    if HAS_Z:
+                        _prefetch(z_b + tj * sz_t, FAST)
+                        if BIDIR:
+                            _prefetch(ypre_b + tj * E, FAST)
+            # recompute the tile: states[jj] = S_{t-1} of step jj, states[jj + 1] = S_t; coefficients kept
             states = (S,)
-            for jj in tl.static_range(TT - 1):
+            X = ()
+            co_omb = ()
+            co_rden = ()
+            co_eps = ()
+            for jj in tl.static_range(TT):
                 s = s0 + jt * TT + jj
                 t = s + rev * (L - 1 - 2 * s)
-                k, _, km, kappa = _load_rec(rec_b, t, offs_n, N, REC_W, False)
-                _, rden, eps = _coefs(DT[jj], bias, kappa, FAST)
-                S = _advance(S, X[jj], eps, rden, k, km)
+                x = _ld(x_b, t, sx_t, L, dmask)
+                k, _, km, kappa = _rec_rows(rec_b, t, N, REC_W, False, FAST)
+                omb, rden, eps = _coefs(_ld(dt_b, t, sdt_t, L, dmask), bias, kappa, FAST)
+                X = X + (x,)
+                co_omb = co_omb + (omb,)
+                co_rden = co_rden + (rden,)
+                co_eps = co_eps + (eps,)
+                S = _advance_rows(S, x, eps, rden, k, km, N)
                 states = states + (S,)
             for jj in tl.static_range(TT - 1, -1, -1):
                 s = s0 + jt * TT + jj
@@ -583,35 +537,71 @@ def _scan_bwd_kernel(
                 m = dmask & valid
                 t = s + rev * (L - 1 - 2 * s)
                 x = X[jj]
-                G = GG[jj]
-                k, q, km, kappa = _load_rec(rec_b, t, offs_n, N, REC_W, True)
-                omb, rden, eps = _coefs(DT[jj], bias, kappa, FAST)
+                G = _ld(g_b, t, sg_t, L, dmask)
+                eps = co_eps[jj]
+                rden = co_rden[jj]
+                k, q, km, kappa = _rec_rows(rec_b, t, N, REC_W, True, FAST)
                 S_prev = states[jj]
+                S_t = states[jj + 1]
                 if HAS_Z:
-                    zz = ZZ[jj]
-                    g = G * (zz * _sigmoid(zz, FAST)) * gscale
+                    zz = _ld(z_b, t, sz_t, L, dmask)
+                    sz = _sigmoid(zz, FAST)
+                    g = G * (zz * sz) * gscale
+                    if dr == 0:
+                        if BIDIR:
+                            y = tl.load(ypre_b + t * E, mask=m, other=0.0).to(tl.float32)
+                        else:
+                            y = zero
+                            for n in tl.static_range(N):
+                                y += q[n] * S_t[n]
+                            if HAS_D:
+                                y += Dp * x
+                        dz = G * y * sz * (1.0 + zz * (1.0 - sz))
+                        tl.store(dz_b + t * E, dz.to(dz_ptr.dtype.element_ty), mask=m)
                 else:
                     g = G * gscale
-                H = g[None, :] * q[:, None] + Wc
-                Hk = H * k[:, None]
-                v = x[None, :] - k[:, None] * S_prev                    # x - k S_{t-1}
-                sum_hk = tl.sum(Hk, axis=0)
-                deps = tl.sum(Hk * v, axis=0)
-                eH = eps[None, :] * H
-                dk = _lane_sum16(eH * (v - k[:, None] * S_prev), R, W, SCATTER)   # eps H (x - 2 k S_{t-1})
-                dkap = tl.sum(deps * eps * eps, axis=0)                 # -sum_d dkappa
+                sum_hk = zero
+                deps = zero
+                dk = ()
+                dq = ()
+                Wn = ()
+                for n in tl.static_range(N):
+                    H = g * q[n] + Wc[n]
+                    Hk = H * k[n]
+                    v = x - k[n] * S_prev[n]                       # x - k S_{t-1}
+                    sum_hk += Hk
+                    deps += Hk * v
+                    eH = eps * H
+                    dk = dk + (eH * (v - k[n] * S_prev[n]),)     # eps H (x - 2 k S_{t-1})
+                    dq = dq + (g * S_t[n],)
+                    Wn = Wn + (rden * H + km[n] * eH,)           # f H, f = rden + eps (kappa - k^2)
+                Wc = Wn
+                # dk also carries -2 k[n] sum_d deps eps^2 (through kappa): folded in per channel
+                a2 = -2.0 * deps * eps * eps
                 if SCATTER:
-                    kn = tl.load(rec_b + t * REC_W + lane_n)
-                    tl.store(dkq_w + t * (2 * N), dk - 2.0 * dkap * kn, mask=lane_st & valid)
+                    # reduce-scatter over the warp: 2N = 32 rows (dk then dq), lane l ends with row l summed
+                    v16 = ()
+                    up = (lane & 16) != 0
+                    for n in tl.static_range(N):
+                        dkn = dk[n] + a2 * k[n]
+                        v16 = v16 + (tl.where(up, dq[n], dkn) + _bfly(tl.where(up, dkn, dq[n]), 16),)
+                    v8 = _reduce_scatter(v16, lane, 8)
+                    v4 = _reduce_scatter(v8, lane, 4)
+                    v2 = _reduce_scatter(v4, lane, 2)
+                    v1 = _reduce_scatter(v2, lane, 1)
+                    tl.store(dkq_w + t * (2 * N), v1[0], mask=valid)
                 else:
-                    tl.store(dkq_b + t * (2 * N), dk - 2.0 * dkap * k, mask=valid)
+                    for n in tl.static_range(N):
+                        tl.store(dkq_b + t * (2 * N) + n, tl.sum(tl.where(dmask, dk[n] + a2 * k[n], 0.0), axis=0),
+                                 mask=valid)
+                        tl.store(dkq_b + t * (2 * N) + N + n, tl.sum(tl.where(dmask, dq[n], 0.0), axis=0),
+                                 mask=valid)
                 dx = eps * sum_hk
                 if HAS_D:
                     dx += Dp * g
                     acc_dD += g * x
-                ddt = deps * eps * omb * rden                     # deps / den^2 * beta (1 - beta)
-                acc_db += ddt
-                Wc = rden[None, :] * H + km[:, None] * eH               # f H, f = (1 + beta (kappa - k^2)) / den
+                ddt = deps * eps * co_omb[jj] * rden                  # deps / den^2 * beta (1 - beta)
+                acc_db += tl.where(m, ddt, 0.0)
                 tl.store(dx_b + t * E, dx.to(dxa_ptr.dtype.element_ty), mask=m)
                 tl.store(ddt_b + t * E, ddt.to(ddta_ptr.dtype.element_ty), mask=m)
     dpar_b = dpar_ptr + (dr * B + b) * 2 * E + offs_d

@@ -1,0 +1,111 @@
+"""Compile the Triton kernels for an H100 (sm_90) without a GPU and report registers, spills and the SASS
+instruction mix of each kernel: what a change does to register pressure and instruction counts, for free.
+
+    python benchmarks/compile_report.py [--config '{"bwd_tt": 2}'] [--sass DIR]
+
+Uses the local Triton (its version may differ from the device's); ptxas -v gives registers and spills,
+cuobjdump (shipped with the triton wheel) the SASS.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kernels import interface  # noqa: E402
+from kernels.conv import _conv_bwd_kernel, _conv_fwd_kernel  # noqa: E402
+from kernels.scan import PAD, REC, _scan_bwd_kernel, _scan_fwd_kernel  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _signature(fn, dtypes, constexprs):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = dtypes.get(name, "*bf16")
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(fn, constexprs, dtypes, num_warps, maxnreg=None):
+    # what the JIT specialises on at run time: 16-byte aligned pointers, strides and E divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name not in constexprs and (name.endswith("_ptr") or name == "E" or re.fullmatch(r"s[a-z]+_[bt]", name))}
+    src = ASTSource(fn, _signature(fn, dtypes, constexprs), constexprs, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})})
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        open(p, "w").write(ptx)
+        out = subprocess.run([os.path.join(BIN, "ptxas"), "-arch=sm_90a", "-v", p, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+        info = out.stderr
+        if "Used" not in info:
+            raise RuntimeError(info[-3000:])
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", os.path.join(d, "k.cubin")],
+                              capture_output=True, text=True).stdout
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spill_st = int(re.search(r"(\d+) bytes spill stores", info).group(1))
+    spill_ld = int(re.search(r"(\d+) bytes spill loads", info).group(1))
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m:
+            ops[m.group(1).split(".")[0]] += 1
+    return regs, spill_st, spill_ld, ops, sass
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="{}", help="JSON overrides of kernels.interface.CONFIG")
+    ap.add_argument("--sass", default=None, help="write each kernel's SASS into this folder")
+    ap.add_argument("--only", default=None, help="compile only kernels whose name contains this")
+    args = ap.parse_args()
+    cfg = dict(interface.CONFIG)
+    cfg.update(json.loads(args.config))
+    f32 = {n: "*fp32" for n in ("rec_ptr", "ck_ptr", "scr_ptr", "dkq_ptr", "dpar_ptr", "bias_a_ptr", "bias_b_ptr",
+                                "Da_ptr", "Db_ptr", "dw_ptr")}
+    common = dict(N=16, REC_W=REC, PADT=PAD, HAS_D=True, HAS_Z=True, FAST=True)
+    rf = cfg["fwd_bd"] // (32 * cfg["fwd_warps"])
+    jobs = [
+        ("scan_fwd_infer", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"], CK=cfg["ck"],
+                                                   BIDIR=True, REVERSE=False, SAVE=False,
+                                                   PREFETCH=cfg["fwd_prefetch"]), cfg["fwd_warps"]),
+        ("scan_fwd_train", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"], CK=cfg["ck"],
+                                                   BIDIR=True, REVERSE=False, SAVE=True,
+                                                   PREFETCH=cfg["fwd_prefetch"]), cfg["fwd_warps"]),
+        ("scan_bwd", _scan_bwd_kernel, dict(common, BD=cfg["bwd_bd"], W=cfg["bwd_warps"], CK=cfg["ck"],
+                                            TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
+                                            BIDIR=True, REVERSE=False, SCATTER=True), cfg["bwd_warps"]),
+        ("conv_fwd", _conv_fwd_kernel, dict(BD=cfg["conv_bd"], HAS_BF=True, HAS_BB=True, FAST=True),
+         cfg["conv_warps"]),
+        ("conv_bwd", _conv_bwd_kernel, dict(BD=cfg["conv_bd"], HAS_BF=True, HAS_BB=True, FAST=True),
+         cfg["conv_warps"]),
+    ]
+    for name, fn, cx, warps in jobs:
+        if args.only and args.only not in name:
+            continue
+        cx = {k: v for k, v in cx.items() if k in fn.arg_names}
+        regs, sst, sld, ops, sass = compile_one(fn, cx, f32, warps,
+                                                cfg.get("bwd_maxnreg") if name == "scan_bwd" else None)
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(14))
+        print(f"{name:15s} regs {regs:3d} spill st/ld {sst}/{sld} B  SASS {sum(ops.values())} instr: {top}")
+        if args.sass:
+            os.makedirs(args.sass, exist_ok=True)
+            open(os.path.join(args.sass, name + ".sass"), "w").write(sass)
+
+
+if __name__ == "__main__":
+    main()
