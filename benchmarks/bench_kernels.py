@@ -226,9 +226,10 @@ def errors():
 
 # ------------------------------------------------------------------------------------------------- sweep
 # forward: (channels per program, warps, L1 prefetch of the next step's records);
-# backward (one channel per thread): (channels per program, warps, steps per register tile, register cap)
-FWD_VARIANTS = [(64, 1, True), (64, 1, False), (32, 1, True)]
-BWD_VARIANTS = [(32, 1, 2, None), (32, 1, 2, 168), (64, 2, 2, 168), (32, 1, 4, 168)]
+# backward (one channel per thread): (channels per program, warps, steps per register tile, register cap,
+# steps between checkpoints = the backward's window, whose tile-start scratch then fits L2 better)
+FWD_VARIANTS = [(64, 1, True), (32, 1, True)]
+BWD_VARIANTS = [(32, 1, 2, None, 64), (32, 1, 2, None, 16), (64, 2, 2, None, 64)]
 
 
 def sweep(L):
@@ -255,22 +256,28 @@ def sweep(L):
           if isinstance(res["fwd"].get(f"bd{bd}-w{w}-pf{int(pf)} (saving)"), float)]
     _, bd, w, pf = min(ok)
     CONFIG.update(fwd_bd=bd, fwd_warps=w, fwd_prefetch=pf)
-    y, ypre, ck, rec = scan_fwd(*fwd_args)
-    g = torch.randn_like(y)
-    bwd_args = (g, f["x"], f["dt"], f["dt_bias"], f["D"], b["x"], b["dt"], b["dt_bias"], b["D"], z, ypre, ck,
-                rec, False, f["k"].dtype, f["q"].dtype, N)
-    for bd, w, tt, mr in BWD_VARIANTS:
-        key = f"bd{bd}-w{w}-tt{tt}-maxnreg{mr}"
-        CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, bwd_maxnreg=mr)
+    g = None
+    for bd, w, tt, mr, ck_every in BWD_VARIANTS:
+        key = f"bd{bd}-w{w}-tt{tt}-maxnreg{mr}-ck{ck_every}"
+        CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, bwd_maxnreg=mr, ck=ck_every)
         try:
+            y, ypre, ck, rec = scan_fwd(*fwd_args)      # checkpoints at this interval
+            g = torch.randn_like(y) if g is None else g
+            bwd_args = (g, f["x"], f["dt"], f["dt_bias"], f["D"], b["x"], b["dt"], b["dt_bias"], b["D"], z, ypre,
+                        ck, rec, False, f["k"].dtype, f["q"].dtype, N)
             res["bwd"][key] = bench(lambda: scan_bwd(*bwd_args))
+            res["bwd"][key + " fwd(saving)"] = bench(lambda: scan_fwd(*fwd_args))
         except Exception as e:
             res["bwd"][key] = f"failed: {type(e).__name__}: {e}"[:200]
-        print("bwd", key, res["bwd"][key], flush=True)
-    ok = [(res["bwd"][f"bd{bd}-w{w}-tt{tt}-maxnreg{mr}"], bd, w, tt, mr) for bd, w, tt, mr in BWD_VARIANTS
-          if isinstance(res["bwd"][f"bd{bd}-w{w}-tt{tt}-maxnreg{mr}"], float)]
-    _, bd, w, tt, mr = min(ok, key=lambda r: r[0])
-    CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, bwd_maxnreg=mr)
+        print("bwd", key, res["bwd"][key], res["bwd"].get(key + " fwd(saving)"), flush=True)
+    # chosen by the training forward + backward at this length
+    ok = []
+    for bd, w, tt, mr, c in BWD_VARIANTS:
+        key = f"bd{bd}-w{w}-tt{tt}-maxnreg{mr}-ck{c}"
+        if isinstance(res["bwd"][key], float):
+            ok.append((res["bwd"][key] + res["bwd"][key + " fwd(saving)"], bd, w, tt, mr, c))
+    _, bd, w, tt, mr, c = min(ok, key=lambda r: r[0])
+    CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, bwd_maxnreg=mr, ck=c)
     res["chosen"] = dict(CONFIG)
     return res
 

@@ -1,9 +1,12 @@
 """Triton kernels of the Longhorn scan: forward (one or both directions) and exact backward.
 
 Layout (kernels.md section 6): x, dt, z and the output are token-major (B, L, E) tensors taken by stride (unit
-channel stride); each program owns one batch element and a block of BD channels, with the state S [N, BD] in
-registers (the state index n lives in each thread's registers, channels across lanes), and walks the tokens
-in scan order: t = s, or t = L-1-s for a reversed direction (no flips).
+channel stride); each program owns one batch element and a block of channels and walks the tokens in scan
+order: t = s, or t = L-1-s for a reversed direction (no flips). The forward holds the state as one [N, BD]
+tensor (the state index n in each thread's registers, R channels per thread across lanes); the backward, which
+needs cross-channel reductions of per-n terms, holds it as a tuple of N row vectors [BD] with one channel per
+thread, so that every operation there is elementwise and no 2-D layout (hence no layout conversion through
+shared memory) exists.
 
 Per-token data shared by all channels (k, q, kappa and the exact decay complement kappa - k^2) are packed once
 per call into an fp32 record (`_prep_kernel`), so every step loads them with a few aligned vector loads.
@@ -11,8 +14,9 @@ per call into an fp32 record (`_prep_kernel`), so every step loads them with a f
 Backward: the forward stores the state entering every window of CK steps (sparse fp32 checkpoints). For each
 window, taken in reverse, the backward re-runs the window from its checkpoint and writes the state at every
 tile start (every TT steps) to a small program-private scratch; then, for each tile in reverse, it recomputes the
-TT states in registers and walks them backwards carrying the adjoint. dk/dq are reduced over the program's
-channels and written as per-block partials, summed afterwards (deterministic, no atomics).
+TT + 1 states in registers and walks them backwards carrying the adjoint. dk/dq are reduced over each warp's
+channels (one reduce-scatter of the 2N per-channel terms) and written as per-warp partials, summed afterwards
+(deterministic, no atomics).
 """
 import triton
 import triton.language as tl
