@@ -1,10 +1,12 @@
 """Compile the Triton kernels for an H100 (sm_90) without a GPU and report registers, spills and the SASS
 instruction mix of each kernel: what a change does to register pressure and instruction counts, for free.
 
-    python benchmarks/compile_report.py [--config '{"bwd_tt": 2}'] [--sass DIR]
+    python benchmarks/compile_report.py [--config '{"bwd_tt": 2}'] [--only scan_bwd] [--loops] [--sass DIR]
 
-Uses the local Triton (its version may differ from the device's); ptxas -v gives registers and spills,
-cuobjdump (shipped with the triton wheel) the SASS.
+ptxas -v gives registers and spills, cuobjdump (shipped with the triton wheel) the SASS; --loops prints the
+instruction count and mix of every loop body (a backward branch), i.e. per step or per tile. Layout
+conversions differ between Triton releases: for figures that match the device, run it with the device's
+Triton (e.g. `pip install --no-deps --target /tmp/t36 triton==3.6.0` and PYTHONPATH=/tmp/t36).
 """
 import argparse
 import collections
@@ -42,9 +44,11 @@ def _signature(fn, dtypes, constexprs):
 def compile_one(fn, constexprs, dtypes, num_warps, maxnreg=None):
     # what the JIT specialises on at run time: 16-byte aligned pointers, strides and E divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if name not in constexprs and (name.endswith("_ptr") or name == "E" or re.fullmatch(r"s[a-z]+_[bt]", name))}
+             if name not in constexprs
+             and (name.endswith("_ptr") or name == "E" or re.fullmatch(r"s[a-z]+_[bt]", name))}
     src = ASTSource(fn, _signature(fn, dtypes, constexprs), constexprs, attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})})
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = k.asm["ptx"]
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.ptx")
@@ -67,11 +71,30 @@ def compile_one(fn, constexprs, dtypes, num_warps, maxnreg=None):
     return regs, spill_st, spill_ld, ops, sass
 
 
+def loop_bodies(sass):
+    """(start, end, instruction count, Counter of opcodes) of every loop body in a SASS listing."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    loops = []
+    for i, (a, text) in enumerate(ins):
+        m = re.search(r"BRA 0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in index:
+            body = ins[index[int(m.group(1), 16)]:i + 1]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for _, t in body)
+            loops.append((int(m.group(1), 16), a, len(body), ops))
+    return loops
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="{}", help="JSON overrides of kernels.interface.CONFIG")
     ap.add_argument("--sass", default=None, help="write each kernel's SASS into this folder")
     ap.add_argument("--only", default=None, help="compile only kernels whose name contains this")
+    ap.add_argument("--loops", action="store_true", help="instruction counts of every loop body")
     args = ap.parse_args()
     cfg = dict(interface.CONFIG)
     cfg.update(json.loads(args.config))
@@ -102,6 +125,10 @@ def main():
                                                 cfg.get("bwd_maxnreg") if name == "scan_bwd" else None)
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(14))
         print(f"{name:15s} regs {regs:3d} spill st/ld {sst}/{sld} B  SASS {sum(ops.values())} instr: {top}")
+        if args.loops:
+            for start, end, count, ops in loop_bodies(sass):
+                mix = ", ".join(f"{k} {v}" for k, v in ops.most_common(10))
+                print(f"    loop {start:#x}-{end:#x}: {count} instr: {mix}")
         if args.sass:
             os.makedirs(args.sass, exist_ok=True)
             open(os.path.join(args.sass, name + ".sass"), "w").write(sass)

@@ -152,7 +152,8 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
         REC_W=REC, PADT=PAD, BDF=bdf, RF=rf, WF=CONFIG["fwd_warps"],
         BIDIR=bidir, REVERSE=bool(reverse),
         HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter,
-        num_warps=CONFIG["bwd_warps"], **({"maxnreg": CONFIG["bwd_maxnreg"]} if CONFIG["bwd_maxnreg"] and _FAST else {}))
+        num_warps=CONFIG["bwd_warps"],
+        **({"maxnreg": CONFIG["bwd_maxnreg"]} if CONFIG["bwd_maxnreg"] and _FAST else {}))
     res = []
     for i, (dx, ddt, bias, D) in enumerate(((dxa, ddta, bias_a, Da), (dxb, ddtb, bias_b, Db))[:ndir]):
         # deterministic sums of the per-block partials; every returned tensor is its own allocation
