@@ -226,10 +226,10 @@ def errors():
 
 # ------------------------------------------------------------------------------------------------- sweep
 # forward: (channels per program, warps, L1 prefetch of the next step's records);
-# backward (one channel per thread): (channels per program, warps, steps per register tile, register cap,
-# steps between checkpoints = the backward's window, whose tile-start scratch then fits L2 better)
+# backward (one channel per thread): (channels per program, warps, steps per register tile, steps between
+# checkpoints = the backward's window, whose tile-start scratch then fits L2 better)
 FWD_VARIANTS = [(64, 1, True), (32, 1, True)]
-BWD_VARIANTS = [(32, 1, 2, None, 64), (32, 1, 2, None, 16), (64, 2, 2, None, 64)]
+BWD_VARIANTS = [(32, 1, 2, 64), (32, 1, 2, 16), (64, 2, 2, 64)]
 
 
 def sweep(L):
@@ -257,9 +257,9 @@ def sweep(L):
     _, bd, w, pf = min(ok)
     CONFIG.update(fwd_bd=bd, fwd_warps=w, fwd_prefetch=pf)
     g = None
-    for bd, w, tt, mr, ck_every in BWD_VARIANTS:
-        key = f"bd{bd}-w{w}-tt{tt}-maxnreg{mr}-ck{ck_every}"
-        CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, bwd_maxnreg=mr, ck=ck_every)
+    for bd, w, tt, ck_every in BWD_VARIANTS:
+        key = f"bd{bd}-w{w}-tt{tt}-ck{ck_every}"
+        CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, ck=ck_every)
         try:
             y, ypre, ck, rec = scan_fwd(*fwd_args)      # checkpoints at this interval
             g = torch.randn_like(y) if g is None else g
@@ -272,12 +272,12 @@ def sweep(L):
         print("bwd", key, res["bwd"][key], res["bwd"].get(key + " fwd(saving)"), flush=True)
     # chosen by the training forward + backward at this length
     ok = []
-    for bd, w, tt, mr, c in BWD_VARIANTS:
-        key = f"bd{bd}-w{w}-tt{tt}-maxnreg{mr}-ck{c}"
+    for bd, w, tt, c in BWD_VARIANTS:
+        key = f"bd{bd}-w{w}-tt{tt}-ck{c}"
         if isinstance(res["bwd"][key], float):
-            ok.append((res["bwd"][key] + res["bwd"][key + " fwd(saving)"], bd, w, tt, mr, c))
-    _, bd, w, tt, mr, c = min(ok, key=lambda r: r[0])
-    CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, bwd_maxnreg=mr, ck=c)
+            ok.append((res["bwd"][key] + res["bwd"][key + " fwd(saving)"], bd, w, tt, c))
+    _, bd, w, tt, c = min(ok, key=lambda r: r[0])
+    CONFIG.update(bwd_bd=bd, bwd_warps=w, bwd_tt=tt, ck=c)
     res["chosen"] = dict(CONFIG)
     return res
 

@@ -1,7 +1,8 @@
 """Compile the Triton kernels for an H100 (sm_90) without a GPU and report registers, spills and the SASS
 instruction mix of each kernel: what a change does to register pressure and instruction counts, for free.
 
-    python benchmarks/compile_report.py [--config '{"bwd_tt": 2}'] [--only scan_bwd] [--loops] [--sass DIR]
+    python benchmarks/compile_report.py [--config '{"bwd_tt": 2}'] [--only scan_bwd] [--loops] [--bwd-maxnreg 168]
+                                         [--sass DIR]
 
 ptxas -v gives registers and spills, cuobjdump (shipped with the triton wheel) the SASS; --loops prints the
 instruction count and mix of every loop body (a backward branch), i.e. per step or per tile. Layout
@@ -95,6 +96,8 @@ def main():
     ap.add_argument("--sass", default=None, help="write each kernel's SASS into this folder")
     ap.add_argument("--only", default=None, help="compile only kernels whose name contains this")
     ap.add_argument("--loops", action="store_true", help="instruction counts of every loop body")
+    ap.add_argument("--bwd-maxnreg", type=int, default=None,
+                    help="register cap for the backward (ptxas spills past it)")
     args = ap.parse_args()
     cfg = dict(interface.CONFIG)
     cfg.update(json.loads(args.config))
@@ -122,7 +125,7 @@ def main():
             continue
         cx = {k: v for k, v in cx.items() if k in fn.arg_names}
         regs, sst, sld, ops, sass = compile_one(fn, cx, f32, warps,
-                                                cfg.get("bwd_maxnreg") if name == "scan_bwd" else None)
+                                                args.bwd_maxnreg if name == "scan_bwd" else None)
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(14))
         print(f"{name:15s} regs {regs:3d} spill st/ld {sst}/{sld} B  SASS {sum(ops.values())} instr: {top}")
         if args.loops:

@@ -28,7 +28,6 @@ __all__ = ["longhorn_scan_triton", "bidirectional_longhorn_scan_triton", "bidire
 CONFIG = {
     "fwd_bd": 64, "fwd_warps": 1,
     "bwd_bd": 32, "bwd_warps": 1, "bwd_tt": 2, "ck": 64,
-    "bwd_maxnreg": None,  # register cap for the backward (ptxas spills past it; more resident warps)
     "conv_bd": 128, "conv_warps": 1, "conv_ch": 64,
     # L1 prefetch of the next step's per-token records (GPU only): halves the forward on an H100 (613 -> 322 us
     # at B=128, L=197)
@@ -152,8 +151,7 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
         REC_W=REC, PADT=PAD, BDF=bdf, RF=rf, WF=CONFIG["fwd_warps"],
         BIDIR=bidir, REVERSE=bool(reverse),
         HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter,
-        num_warps=CONFIG["bwd_warps"],
-        **({"maxnreg": CONFIG["bwd_maxnreg"]} if CONFIG["bwd_maxnreg"] and _FAST else {}))
+        num_warps=CONFIG["bwd_warps"])
     res = []
     for i, (dx, ddt, bias, D) in enumerate(((dxa, ddta, bias_a, Da), (dxb, ddtb, bias_b, Db))[:ndir]):
         # deterministic sums of the per-block partials; every returned tensor is its own allocation
