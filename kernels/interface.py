@@ -107,7 +107,8 @@ def _scan_fwd_impl(xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, 
         N=N, BD=bd, R=_per_thread(bd, warps), W=warps, CK=ck_every, REC_W=REC, PADT=PAD, BIDIR=bidir,
         REVERSE=bool(reverse),
         HAS_D=Da is not None, HAS_Z=z is not None, SAVE=bool(save), FAST=_FAST,
-        PREFETCH=CONFIG["fwd_prefetch"] and _FAST, num_warps=warps)
+        PREFETCH=CONFIG["fwd_prefetch"] and _FAST, EVEN=E % bd == 0,
+        num_warps=warps)
     if not save:
         rec = rec.new_empty(0)
     return out, ypre, ck, rec

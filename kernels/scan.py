@@ -46,8 +46,18 @@ def _prefetch(ptrs, FAST: tl.constexpr):
 
 
 @triton.jit
+def _exp(x, FAST: tl.constexpr):
+    """e^x; on the GPU one MUFU.EX2 (flushing subnormal results to zero) without the range fix-up of tl.exp."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
 def _sigmoid(x, FAST: tl.constexpr):
-    return _rcp(1.0 + tl.exp(-x), FAST)
+    return _rcp(1.0 + _exp(-x, FAST), FAST)
 
 
 @triton.jit
@@ -112,7 +122,7 @@ def _priv_off(offs_n, BD: tl.constexpr):
 def _coefs(dt, bias, kappa, FAST: tl.constexpr):
     """beta = sigmoid(a), rden = 1 / (1 + beta kappa), eps = beta rden, and 1 - beta = e^-a beta (exact even
     when beta is close to 1, where 1 - beta would cancel)."""
-    e = tl.exp(-(dt + bias))
+    e = _exp(-(dt + bias), FAST)
     beta = _rcp(1.0 + e, FAST)
     rden = _rcp(1.0 + beta * kappa, FAST)
     eps = beta * rden
@@ -125,6 +135,17 @@ def _advance(S, x, eps, rden, k, km):
     # S_t = f S_{t-1} + c with f = 1 - eps k^2 = (1 + beta (kappa - k^2)) / den, c = eps x k
     f = rden[None, :] + eps[None, :] * km[:, None]
     return f * S + (eps * x)[None, :] * k[:, None]
+
+
+@triton.jit
+def _ldc(base, t, stride, L, dmask, EVEN: tl.constexpr):
+    """Like _ld, for the forward's look-ahead loads whose values are never used outside 0 <= t < L: the index is
+    clamped instead of masked, so that with every channel of the block in range (EVEN) no predicate is needed."""
+    tc = tl.minimum(tl.maximum(t, 0), L - 1)
+    if EVEN:
+        return tl.load(base + tc * stride).to(tl.float32)
+    else:
+        return tl.load(base + tc * stride, mask=dmask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -142,7 +163,7 @@ def _scan_fwd_kernel(
         N: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr, CK: tl.constexpr,
         REC_W: tl.constexpr, PADT: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
-        PREFETCH: tl.constexpr):
+        PREFETCH: tl.constexpr, EVEN: tl.constexpr):
     """One program: batch element b, channels [pid*BD, pid*BD + BD), one direction or both interleaved.
 
     Both directions: step i advances the forward scan at token i and the backward scan at token L-1-i. While
@@ -153,7 +174,10 @@ def _scan_fwd_kernel(
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
     offs_d = _channels(pid_d, BD, R, W)
-    dmask = offs_d < E
+    if EVEN:
+        dmask = tl.full([BD], 1, tl.int1)      # E % BD == 0: constant masks fold away
+    else:
+        dmask = offs_d < E
     offs_n = tl.arange(0, N)
     nblk = tl.num_programs(0)
     # checkpoints: [ndir, B, NCK, nblk, N * BD], each block in the private layout of _priv_off
@@ -185,14 +209,14 @@ def _scan_fwd_kernel(
         Sb = tl.zeros([N, BD], tl.float32)
         # x and dt come from HBM: prefetch them two steps ahead (the per-token records are L2 hits and the
         # partials were written by this thread, so those are loaded at the top of their own step)
-        xa1 = _ld(xa_b, 0, sxa_t, L, dmask)
-        dta1 = _ld(dta_b, 0, sdta_t, L, dmask)
-        xb1 = _ld(xb_b, L - 1, sxb_t, L, dmask)
-        dtb1 = _ld(dtb_b, L - 1, sdtb_t, L, dmask)
-        xa2 = _ld(xa_b, 1, sxa_t, L, dmask)
-        dta2 = _ld(dta_b, 1, sdta_t, L, dmask)
-        xb2 = _ld(xb_b, L - 2, sxb_t, L, dmask)
-        dtb2 = _ld(dtb_b, L - 2, sdtb_t, L, dmask)
+        xa1 = _ldc(xa_b, 0, sxa_t, L, dmask, EVEN)
+        dta1 = _ldc(dta_b, 0, sdta_t, L, dmask, EVEN)
+        xb1 = _ldc(xb_b, L - 1, sxb_t, L, dmask, EVEN)
+        dtb1 = _ldc(dtb_b, L - 1, sdtb_t, L, dmask, EVEN)
+        xa2 = _ldc(xa_b, 1, sxa_t, L, dmask, EVEN)
+        dta2 = _ldc(dta_b, 1, sdta_t, L, dmask, EVEN)
+        xb2 = _ldc(xb_b, L - 2, sxb_t, L, dmask, EVEN)
+        dtb2 = _ldc(dtb_b, L - 2, sdtb_t, L, dmask, EVEN)
         for c0 in range(0, L, CK):
             if SAVE:
                 if c0 > 0:
@@ -213,10 +237,10 @@ def _scan_fwd_kernel(
                 dta1 = dta2
                 xb1 = xb2
                 dtb1 = dtb2
-                xa2 = _ld(xa_b, i + 2, sxa_t, L, dmask)
-                dta2 = _ld(dta_b, i + 2, sdta_t, L, dmask)
-                xb2 = _ld(xb_b, L - 3 - i, sxb_t, L, dmask)
-                dtb2 = _ld(dtb_b, L - 3 - i, sdtb_t, L, dmask)
+                xa2 = _ldc(xa_b, i + 2, sxa_t, L, dmask, EVEN)
+                dta2 = _ldc(dta_b, i + 2, sdta_t, L, dmask, EVEN)
+                xb2 = _ldc(xb_b, L - 3 - i, sxb_t, L, dmask, EVEN)
+                dtb2 = _ldc(dtb_b, L - 3 - i, sdtb_t, L, dmask, EVEN)
                 ka, qa, kma, kappa_a = _load_rec(rec_a, tf, offs_n, N, REC_W, True)
                 kb, qb, kmb, kappa_b = _load_rec(rec_b, tb, offs_n, N, REC_W, True)
                 if PREFETCH:
@@ -268,10 +292,10 @@ def _scan_fwd_kernel(
         else:
             t0 = 0
             dts = 1
-        xa1 = _ld(xa_b, t0, sxa_t, L, dmask)
-        dta1 = _ld(dta_b, t0, sdta_t, L, dmask)
-        xa2 = _ld(xa_b, t0 + dts, sxa_t, L, dmask)
-        dta2 = _ld(dta_b, t0 + dts, sdta_t, L, dmask)
+        xa1 = _ldc(xa_b, t0, sxa_t, L, dmask, EVEN)
+        dta1 = _ldc(dta_b, t0, sdta_t, L, dmask, EVEN)
+        xa2 = _ldc(xa_b, t0 + dts, sxa_t, L, dmask, EVEN)
+        dta2 = _ldc(dta_b, t0 + dts, sdta_t, L, dmask, EVEN)
         for c0 in range(0, L, CK):
             if SAVE:
                 if c0 > 0:
@@ -282,8 +306,8 @@ def _scan_fwd_kernel(
                 dta = dta1
                 xa1 = xa2
                 dta1 = dta2
-                xa2 = _ld(xa_b, t + 2 * dts, sxa_t, L, dmask)
-                dta2 = _ld(dta_b, t + 2 * dts, sdta_t, L, dmask)
+                xa2 = _ldc(xa_b, t + 2 * dts, sxa_t, L, dmask, EVEN)
+                dta2 = _ldc(dta_b, t + 2 * dts, sdta_t, L, dmask, EVEN)
                 ka, qa, kma, kappa_a = _load_rec(rec_a, t, offs_n, N, REC_W, True)
                 if PREFETCH:
                     _prefetch(rec_a + (t + dts) * REC_W + lane2, FAST)
@@ -333,14 +357,26 @@ def _ld_row(p, N: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _rec_rows(rec_b, t, N: tl.constexpr, REC_W: tl.constexpr, NEED_Q: tl.constexpr, FAST: tl.constexpr):
-    """Token t's record as scalars: k, q (if NEED_Q, else k again), kappa - k^2, kappa."""
+def _rec_rows(rec_b, t, goff, N: tl.constexpr, REC_W: tl.constexpr, NEED_Q: tl.constexpr, FAST: tl.constexpr):
+    """Token t's record as tuples of N values: k, q (if NEED_Q, else k again), kappa - k^2, and kappa. Group g
+    of four consecutive entries of each tuple comes from record offset goff[g] (N >= 4): plain numbers keep the
+    natural order, per-lane offsets give each lane its own order of the groups (see the reduce-scatter)."""
     p = rec_b + t * REC_W
-    k = _ld_row(p, N, FAST)
-    km = _ld_row(p + 2 * N, N, FAST)
-    if NEED_Q:
-        q = _ld_row(p + N, N, FAST)
+    if N >= 4:
+        k = ()
+        km = ()
+        q = ()
+        for g in tl.static_range(N // 4):
+            pg = p + goff[g]
+            k = k + _ld4(pg, FAST)
+            km = km + _ld4(pg + 2 * N, FAST)
+            if NEED_Q:
+                q = q + _ld4(pg + N, FAST)
     else:
+        k = _ld_row(p, N, FAST)
+        km = _ld_row(p + 2 * N, N, FAST)
+        q = _ld_row(p + N, N, FAST)
+    if not NEED_Q:
         q = k
     return k, q, km, tl.load(p + 3 * N)
 
@@ -443,11 +479,24 @@ def _scan_bwd_kernel(
     j = (cf % RF) * (32 * WF) + cf // RF
     ck_col = (offs_d // BDF) * (N * BDF) + ((j % 2) * (BDF // 2) + j // 2)
     if SCATTER:
-        # per-warp partials [ndir, nblk * W, B, L, 2N]: lane l of each warp ends up with entry l
+        # Lane l holds state row n in slot n ^ 4 hi(l), hi(l) = bits 3-4 of l: the first two levels of the dk/dq
+        # reduce-scatter (lane bits 4 and 3 <-> row bits 3 and 2) then pair fixed slots, with no selects; each
+        # lane loads the records' groups of four in its own order (goff). Per-warp partials [ndir, nblk * W, B,
+        # L, 2N]: lane l ends up with entry `row` (dk rows, then dq rows).
         lane = loc % 32
-        dkq_w = dkq_ptr + (((dr * nblk + pid_d) * W + loc // 32) * B + b) * L * (2 * N) + lane
+        hi = (lane >> 3) & 3
+        row = ((lane >> 2) & 1) * N + hi * 4 + (lane & 3)
+        dkq_w = dkq_ptr + (((dr * nblk + pid_d) * W + loc // 32) * B + b) * L * (2 * N) + row
+        goff = ()
+        for gi in tl.static_range(N // 4):
+            goff = goff + (4 * (gi ^ hi),)
+        hi4 = 4 * hi
     else:
         dkq_b = dkq_ptr + ((dr * nblk + pid_d) * B + b) * L * (2 * N)
+        goff = ()
+        for gi in tl.static_range(max(N // 4, 1)):
+            goff = goff + (4 * gi,)
+        hi4 = 0
     lane_rec = (loc % 32) * (REC_W // 32)       # one 8-byte slice of a record row per lane (L1 prefetches)
     NTILE: tl.constexpr = CK // TT
     scr_b = scr_ptr + ((dr * B + b) * nblk + pid_d) * (NTILE * N * BD) + loc
@@ -466,7 +515,7 @@ def _scan_bwd_kernel(
         # 1. sweep the window from its checkpoint, storing each tile's start state; x and dt one tile ahead
         S = ()
         for n in tl.static_range(N):
-            S = S + (tl.load(ck_b + (w - 1) * CKS + ck_col + n * BDF, mask=dmask & (w > 0), other=0.0),)
+            S = S + (tl.load(ck_b + (w - 1) * CKS + ck_col + (n ^ hi4) * BDF, mask=dmask & (w > 0), other=0.0),)
         nx = ()
         ndt = ()
         for jj in tl.static_range(TT):
@@ -492,7 +541,7 @@ def _scan_bwd_kernel(
                 for jj in tl.static_range(TT):
                     sj = s0 + jt * TT + jj
                     tj = sj + rev * (L - 1 - 2 * sj)
-                    k, _, km, kappa = _rec_rows(rec_b, tj, N, REC_W, False, FAST)
+                    k, _, km, kappa = _rec_rows(rec_b, tj, goff, N, REC_W, False, FAST)
                     _, rden, eps = _coefs(DT[jj], bias, kappa, FAST)
                     S = _advance_rows(S, X[jj], eps, rden, k, km, N)
         # 2. tiles in reverse. The next tile's start state and per-channel inputs are prefetched into L1 one tile
@@ -517,6 +566,19 @@ def _scan_bwd_kernel(
                         _prefetch(z_b + tj * sz_t, FAST)
                         if BIDIR:
                             _prefetch(ypre_b + tj * E, FAST)
+            # the walk-back's per-channel inputs, loaded before the recompute so that it hides their latency
+            GS = ()
+            ZS = ()
+            YS = ()
+            for jj in tl.static_range(TT):
+                s = s0 + jt * TT + jj
+                t = s + rev * (L - 1 - 2 * s)
+                GS = GS + (_ld(g_b, t, sg_t, L, dmask),)
+                if HAS_Z:
+                    ZS = ZS + (_ld(z_b, t, sz_t, L, dmask),)
+                    if BIDIR:
+                        YS = YS + (tl.load(ypre_b + t * E, mask=dmask & (s < L) & (dr == 0),
+                                           other=0.0).to(tl.float32),)
             # recompute the tile: states[jj] = S_{t-1} of step jj, states[jj + 1] = S_t; coefficients kept
             states = (S,)
             X = ()
@@ -527,7 +589,7 @@ def _scan_bwd_kernel(
                 s = s0 + jt * TT + jj
                 t = s + rev * (L - 1 - 2 * s)
                 x = _ld(x_b, t, sx_t, L, dmask)
-                k, _, km, kappa = _rec_rows(rec_b, t, N, REC_W, False, FAST)
+                k, _, km, kappa = _rec_rows(rec_b, t, goff, N, REC_W, False, FAST)
                 omb, rden, eps = _coefs(_ld(dt_b, t, sdt_t, L, dmask), bias, kappa, FAST)
                 X = X + (x,)
                 co_omb = co_omb + (omb,)
@@ -541,19 +603,19 @@ def _scan_bwd_kernel(
                 m = dmask & valid
                 t = s + rev * (L - 1 - 2 * s)
                 x = X[jj]
-                G = _ld(g_b, t, sg_t, L, dmask)
+                G = GS[jj]
                 eps = co_eps[jj]
                 rden = co_rden[jj]
-                k, q, km, kappa = _rec_rows(rec_b, t, N, REC_W, True, FAST)
+                k, q, km, kappa = _rec_rows(rec_b, t, goff, N, REC_W, True, FAST)
                 S_prev = states[jj]
                 S_t = states[jj + 1]
                 if HAS_Z:
-                    zz = _ld(z_b, t, sz_t, L, dmask)
+                    zz = ZS[jj]
                     sz = _sigmoid(zz, FAST)
                     g = G * (zz * sz) * gscale
                     if dr == 0:
                         if BIDIR:
-                            y = tl.load(ypre_b + t * E, mask=m, other=0.0).to(tl.float32)
+                            y = YS[jj]
                         else:
                             y = zero
                             for n in tl.static_range(N):
@@ -583,13 +645,19 @@ def _scan_bwd_kernel(
                 # dk also carries -2 k[n] sum_d deps eps^2 (through kappa): folded in per channel
                 a2 = -2.0 * deps * eps * eps
                 if SCATTER:
-                    # reduce-scatter over the warp: 2N = 32 rows (dk then dq), lane l ends with row l summed
-                    v16 = ()
-                    up = (lane & 16) != 0
-                    for n in tl.static_range(N):
-                        dkn = dk[n] + a2 * k[n]
-                        v16 = v16 + (tl.where(up, dq[n], dkn) + _bfly(tl.where(up, dkn, dq[n]), 16),)
-                    v8 = _reduce_scatter(v16, lane, 8)
+                    # reduce-scatter over the warp of 2N = 32 rows (dk, dq): lane bits 4 and 3 pair slots 8-15
+                    # and 4-7 with the partner's copies of the same rows; then bit 2 splits dk / dq and bits 1, 0
+                    # the last two row bits
+                    hk = ()
+                    hq = ()
+                    for r in tl.static_range(8):
+                        hk = hk + (dk[r] + a2 * k[r] + _bfly(dk[r + 8] + a2 * k[r + 8], 16),)
+                        hq = hq + (dq[r] + _bfly(dq[r + 8], 16),)
+                    v8 = ()
+                    for r in tl.static_range(4):
+                        v8 = v8 + (hk[r] + _bfly(hk[r + 4], 8),)
+                    for r in tl.static_range(4):
+                        v8 = v8 + (hq[r] + _bfly(hq[r + 4], 8),)
                     v4 = _reduce_scatter(v8, lane, 4)
                     v2 = _reduce_scatter(v4, lane, 2)
                     v1 = _reduce_scatter(v2, lane, 1)
