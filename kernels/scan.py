@@ -387,7 +387,8 @@ def _rec_rows(rec_b, t, goff, N: tl.constexpr, REC_W: tl.constexpr, NEED_Q: tl.c
     else:
         k = _ld_row(p, N, FAST)
         km = _ld_row(p + 2 * N, N, FAST)
-        q = _ld_row(p + N, N, FAST)
+        if NEED_Q:
+            q = _ld_row(p + N, N, FAST)
     if not NEED_Q:
         q = k
     return k, q, km, tl.load(p + 3 * N)

@@ -115,7 +115,10 @@ SCAN_CASES = [
     pytest.param(1, 21, 33, 16, torch.float32, False, True, False, False, False, id="strided-noD-noz"),
     pytest.param(2, 26, 40, 16, torch.float32, True, False, True, True, True, id="strong-write"),
     pytest.param(2, 19, 40, 8, torch.float32, False, False, False, True, False, id="N8"),
+    pytest.param(2, 19, 40, 2, torch.float32, True, False, False, True, True, id="N2"),
     pytest.param(2, 37, 40, 16, torch.bfloat16, True, True, False, True, True, id="bf16-strided"),
+    # E a multiple of the channel block: the forward drops its channel masks (EVEN)
+    pytest.param(2, 23, 64, 16, torch.float32, True, False, False, True, True, id="E-multiple-of-block"),
     pytest.param(3, 300, 200, 16, torch.float32, False, True, True, True, True, id="large-fp32",
                  marks=needs_cuda),
     pytest.param(3, 300, 200, 16, torch.float32, True, False, False, True, True, id="large-fp32-reverse",
@@ -148,6 +151,7 @@ BIDIR_CASES = [
     pytest.param(1, 8, 40, torch.float32, True, False, True, True, id="strided-even-L"),
     pytest.param(2, 23, 40, torch.float32, False, True, False, False, id="strong-noD-noz"),
     pytest.param(2, 29, 72, torch.bfloat16, True, False, True, True, id="bf16-strided"),
+    pytest.param(2, 25, 64, torch.float32, True, True, True, True, id="E-multiple-of-block"),
     pytest.param(3, 300, 200, torch.float32, True, True, True, True, id="large-fp32", marks=needs_cuda),
     pytest.param(4, 197, 768, torch.bfloat16, True, False, True, True, id="large-bf16", marks=needs_cuda),
 ]
