@@ -98,17 +98,15 @@ def _prep_kernel(k_ptr, q_ptr, rec_ptr, skb, skt, skn, sqb, sqt, sqn, L, NROW,
 
 
 @triton.jit
-def _load_rec(rec_b, t, offs_n, N: tl.constexpr, REC_W: tl.constexpr, NEED_Q: tl.constexpr):
+def _load_rec(rec_b, t, offs_n, N: tl.constexpr, REC_W: tl.constexpr):
     # rec_b points at token 0 of a padded sequence: rows -PAD .. L + PAD - 1 exist (zeros outside 0 .. L-1),
     # so the loads need no mask and a step on a padded row leaves the state unchanged (k = 0: f = 1, c = 0)
+    # (issue order k, kappa - k^2, kappa, q: with q first ptxas kept 228 registers instead of 168)
     p = rec_b + t * REC_W
     k = tl.load(p + offs_n)
     km = tl.load(p + 2 * N + offs_n)
     kappa = tl.load(p + 3 * N)
-    if NEED_Q:
-        q = tl.load(p + N + offs_n)
-    else:
-        q = k
+    q = tl.load(p + N + offs_n)
     return k, q, km, kappa
 
 
@@ -253,8 +251,8 @@ def _scan_fwd_kernel(
                 dta2 = _ldc(dta_b, i + 2, sdta_t, L, dmask, EVEN)
                 xb2 = _ldc(xb_b, L - 3 - i, sxb_t, L, dmask, EVEN)
                 dtb2 = _ldc(dtb_b, L - 3 - i, sdtb_t, L, dmask, EVEN)
-                ka, qa, kma, kappa_a = _load_rec(rec_a, tf, offs_n, N, REC_W, True)
-                kb, qb, kmb, kappa_b = _load_rec(rec_b, tb, offs_n, N, REC_W, True)
+                ka, qa, kma, kappa_a = _load_rec(rec_a, tf, offs_n, N, REC_W)
+                kb, qb, kmb, kappa_b = _load_rec(rec_b, tb, offs_n, N, REC_W)
                 if PREFETCH:
                     _prefetch(rec_a + (tf + 1) * REC_W + lane2, FAST)
                     _prefetch(rec_b + (tb - 1) * REC_W + lane2, FAST)
@@ -320,7 +318,7 @@ def _scan_fwd_kernel(
                 dta1 = dta2
                 xa2 = _ldc(xa_b, t + 2 * dts, sxa_t, L, dmask, EVEN)
                 dta2 = _ldc(dta_b, t + 2 * dts, sdta_t, L, dmask, EVEN)
-                ka, qa, kma, kappa_a = _load_rec(rec_a, t, offs_n, N, REC_W, True)
+                ka, qa, kma, kappa_a = _load_rec(rec_a, t, offs_n, N, REC_W)
                 if PREFETCH:
                     _prefetch(rec_a + (t + dts) * REC_W + lane2, FAST)
                     if HAS_Z:
@@ -355,16 +353,11 @@ def _ld4(p, FAST: tl.constexpr):
 
 
 @triton.jit
-def _ld_row(p, N: tl.constexpr, FAST: tl.constexpr):
-    """p[0 .. N-1] as a tuple of N fp32 scalars."""
+def _ld_row(p, N: tl.constexpr):
+    """p[0 .. N-1] as a tuple of N fp32 scalars (rows too short for vector loads)."""
     out = ()
-    if N >= 4:
-        for i in tl.static_range(N // 4):
-            a0, a1, a2, a3 = _ld4(p + 4 * i, FAST)
-            out = out + (a0, a1, a2, a3)
-    else:
-        for i in tl.static_range(N):
-            out = out + (tl.load(p + i),)
+    for i in tl.static_range(N):
+        out = out + (tl.load(p + i),)
     return out
 
 
@@ -385,10 +378,10 @@ def _rec_rows(rec_b, t, goff, N: tl.constexpr, REC_W: tl.constexpr, NEED_Q: tl.c
             if NEED_Q:
                 q = q + _ld4(pg + N, FAST)
     else:
-        k = _ld_row(p, N, FAST)
-        km = _ld_row(p + 2 * N, N, FAST)
+        k = _ld_row(p, N)
+        km = _ld_row(p + 2 * N, N)
         if NEED_Q:
-            q = _ld_row(p + N, N, FAST)
+            q = _ld_row(p + N, N)
     if not NEED_Q:
         q = k
     return k, q, km, tl.load(p + 3 * N)
