@@ -197,6 +197,38 @@ def time_conv(L, torch_path=True):
     return out
 
 
+# inference forward at small batch and long sequences (high resolution), where batch x channel blocks are too few
+# programs to fill the GPU: the two-level (chunked) scan against the plain sequential one, in the same run
+SMALL_BATCH = [(2, 16385), (16, 4097), (32, 1025), (64, 1025)]
+
+
+def time_small_batch(bw, issue):
+    res = {}
+    for b_, L in SMALL_BATCH:
+        args, z = scan_inputs(L, B=b_)
+        a = bidir_args(args, z)
+        row = {}
+        saved = CONFIG["fwd_chunk"]
+        with torch.no_grad():
+            for key, tc in (("chunked", 0), ("sequential", L)):
+                CONFIG["fwd_chunk"] = tc
+                row[key] = bench(lambda: ops.bidirectional_longhorn_scan(*a, backend="triton"))
+            CONFIG["fwd_chunk"] = saved
+            ref = ops.bidirectional_longhorn_scan(*a, backend="triton")
+            CONFIG["fwd_chunk"] = L
+            seq = ops.bidirectional_longhorn_scan(*a, backend="triton")
+            CONFIG["fwd_chunk"] = saved
+        from vlonghorn.kernels.interface import _chunk_len
+        row["tokens_per_chunk"] = _chunk_len(a[0], b_, L, triton.cdiv(E, CONFIG["fwd_bd"]))
+        row["max_rel_diff_vs_sequential"] = ((ref.float() - seq.float()).abs().max() / seq.float().abs().max()).item()
+        f_bytes = 12 * b_ * L * E + 8 * b_ * L * N
+        row["floor_us"] = max(f_bytes / bw, INSTR_FWD * 2 * b_ * L * E * N / issue) * 1e6
+        res[f"B{b_}-L{L}"] = row
+        print("small batch", b_, L, row, flush=True)
+        del args, a, z, ref, seq
+    return res
+
+
 def errors():
     """Relative errors of the bidirectional scan (output and every gradient) against the float64 reference,
     B=8, L=197, E=768, for fp32 and bf16 inputs."""
@@ -308,6 +340,7 @@ def main():
     meta["config"] = dict(CONFIG)
     result["errors_B8_L197"] = errors()
     print(json.dumps(result["errors_B8_L197"], indent=1), flush=True)
+    result["small_batch_fwd"] = time_small_batch(bw, issue)
     rows = []
     for L in opt.lengths:
         torch.cuda.empty_cache()
@@ -332,6 +365,16 @@ def main():
         lines.append(f"| {name} | {L} | {t:.1f} | {fl_:.1f} ({mem:.1f} / {ins:.1f}) | {t / fl_:.2f} | "
                      f"{'' if tgt is None else f'{tgt:.0f}'} | {'' if tt is None else f'{tt:.1f}'} | "
                      f"{'' if tt is None else f'{tt / t:.1f}x'} |")
+    lines += ["", "Inference forward (both directions) at small batch: two-level chunked scan vs the sequential "
+              "one (the default picks the chunking from the GPU's size):", "",
+              "| B | L | tokens per chunk | chunked us | sequential us | speed-up | floor us | x floor | "
+              "max diff / max |", "|" + "---|" * 9]
+    for key, r in result["small_batch_fwd"].items():
+        b_, L = (int(v) for v in key[1:].split("-L"))
+        lines.append(f"| {b_} | {L} | {r['tokens_per_chunk']} | {r['chunked']:.1f} | {r['sequential']:.1f} | "
+                     f"{r['sequential'] / r['chunked']:.2f}x | {r['floor_us']:.1f} | "
+                     f"{r['chunked'] / r['floor_us']:.1f} | "
+                     f"{r['max_rel_diff_vs_sequential']:.1e} |")
     lines += ["", "Errors (RMS-relative vs float64 reference, B=8, L=197, E=768):", ""]
     for dt, errs in result["errors_B8_L197"].items():
         worst = max(v for k, v in errs.items() if k != "any_nan")

@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels import interface  # noqa: E402
 from kernels.conv import _conv_bwd_kernel, _conv_fwd_kernel  # noqa: E402
-from kernels.scan import PAD, REC, _scan_bwd_kernel, _scan_fwd_kernel  # noqa: E402
+from kernels.scan import PAD, REC, _scan_bwd_kernel, _scan_chunk_kernel, _scan_fwd_kernel  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -101,18 +101,26 @@ def main():
     args = ap.parse_args()
     cfg = dict(interface.CONFIG)
     cfg.update(json.loads(args.config))
-    f32 = {n: "*fp32" for n in ("rec_ptr", "ck_ptr", "scr_ptr", "dkq_ptr", "dpar_ptr", "bias_a_ptr", "bias_b_ptr",
-                                "Da_ptr", "Db_ptr", "dw_ptr")}
+    f32 = {n: "*fp32" for n in ("rec_ptr", "ck_ptr", "h0_ptr", "sum_ptr", "scr_ptr", "dkq_ptr", "dpar_ptr",
+                                "bias_a_ptr", "bias_b_ptr", "Da_ptr", "Db_ptr", "dw_ptr")}
     common = dict(N=16, REC_W=REC, PADT=PAD, HAS_D=True, HAS_Z=True, FAST=True)
     rf = cfg["fwd_bd"] // (32 * cfg["fwd_warps"])
     jobs = [
         ("scan_fwd_infer", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"], CK=cfg["ck"],
                                                    BIDIR=True, REVERSE=False, SAVE=False,
-                                                   PREFETCH=cfg["fwd_prefetch"], EVEN=True),
+                                                   PREFETCH=cfg["fwd_prefetch"], EVEN=True, CHUNKED=False),
          cfg["fwd_warps"]),
+        ("scan_fwd_chunked", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"],
+                                                     CK=cfg["ck"], BIDIR=True, REVERSE=False, SAVE=False,
+                                                     PREFETCH=cfg["fwd_prefetch"], EVEN=True, CHUNKED=True),
+         cfg["fwd_warps"]),
+        ("scan_chunk", _scan_chunk_kernel, dict(common, BD=cfg["chunk_bd"],
+                                                R=cfg["chunk_bd"] // (32 * cfg["chunk_warps"]), W=cfg["chunk_warps"],
+                                                BIDIR=True, REVERSE=False, PREFETCH=cfg["fwd_prefetch"], EVEN=True),
+         cfg["chunk_warps"]),
         ("scan_fwd_train", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"], CK=cfg["ck"],
                                                    BIDIR=True, REVERSE=False, SAVE=True,
-                                                   PREFETCH=cfg["fwd_prefetch"], EVEN=True),
+                                                   PREFETCH=cfg["fwd_prefetch"], EVEN=True, CHUNKED=False),
          cfg["fwd_warps"]),
         ("scan_bwd", _scan_bwd_kernel, dict(common, BD=cfg["bwd_bd"], W=cfg["bwd_warps"], CK=cfg["ck"],
                                             TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],

@@ -17,7 +17,7 @@ import triton
 from torch import Tensor
 
 from .conv import _conv_bwd_kernel, _conv_fwd_kernel
-from .scan import PAD, REC, _prep_kernel, _scan_bwd_kernel, _scan_fwd_kernel
+from .scan import PAD, REC, _prep_kernel, _scan_bwd_kernel, _scan_chunk_kernel, _scan_combine_kernel, _scan_fwd_kernel
 
 __all__ = ["longhorn_scan_triton", "bidirectional_longhorn_scan_triton", "bidirectional_conv1d_silu_triton",
            "CONFIG"]
@@ -32,6 +32,13 @@ CONFIG = {
     # L1 prefetch of the next step's per-token records (GPU only): halves the forward on an H100 (613 -> 322 us
     # at B=128, L=197)
     "fwd_prefetch": True,
+    # Chunked inference forward (two-level scan) for too few programs to fill the GPU (small batch, high
+    # resolution). fwd_chunk: tokens per chunk; 0 chooses: chunk only if batch x channel blocks x
+    # fwd_chunk_split <= SMs x fwd_resident (the forward's resident programs per SM at 168 registers), into about
+    # fwd_chunk_waves x that many programs, at least fwd_chunk_min tokens each (H100 sweep in NOTES_kernels.md);
+    # tests set a number to force it. chunk_bd / chunk_warps: the launch of the first pass (it divides fwd_bd).
+    "fwd_chunk": 0, "fwd_resident": 12, "fwd_chunk_split": 3, "fwd_chunk_waves": 2, "fwd_chunk_min": 64,
+    "chunk_bd": 64, "chunk_warps": 1,
 }
 if os.environ.get("VLONGHORN_KERNEL_CONFIG"):  # e.g. the launch configuration a benchmark sweep chose
     import json
@@ -76,6 +83,21 @@ def _prep(pairs, L):
     return rec
 
 
+def _chunk_len(x, B, L, nblk):
+    """Tokens per chunk of the two-level inference forward, or L (one chunk: the plain sequential scan)."""
+    tc = CONFIG["fwd_chunk"]
+    if tc:
+        return max(1, min(int(tc), L))
+    if x.device.type != "cuda":
+        return L
+    cap = torch.cuda.get_device_properties(x.device).multi_processor_count * CONFIG["fwd_resident"]
+    progs = B * nblk
+    if progs * CONFIG["fwd_chunk_split"] > cap:
+        return L
+    nch = min(CONFIG["fwd_chunk_waves"] * cap // progs, L // CONFIG["fwd_chunk_min"])
+    return triton.cdiv(L, nch) if nch >= 2 else L
+
+
 def _scan_fwd_impl(xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, reverse, save):
     bidir = xb is not None
     B, L, E = xa.shape
@@ -98,16 +120,34 @@ def _scan_fwd_impl(xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, 
     xb_, dtb_, bias_b_ = (xb, dtb, bias_b) if bidir else (xa, dta, bias_a)
     Db_ = Db if bidir else Da
     zz = z if z is not None else xa
-    _scan_fwd_kernel[(nblk, B)](
-        xa, dta, xb_, dtb_, zz, out, ypre if ypre.numel() else out, rec, ck if ck.numel() else rec,
+    common = dict(N=N, BD=bd, R=_per_thread(bd, warps), W=warps, REC_W=REC, PADT=PAD, BIDIR=bidir,
+                  REVERSE=bool(reverse), FAST=_FAST, PREFETCH=CONFIG["fwd_prefetch"] and _FAST, EVEN=E % bd == 0)
+    tc = L if save else _chunk_len(xa, B, L, nblk)
+    nch = triton.cdiv(L, tc)
+    ep = nblk * bd
+    if nch > 1:
+        # two-level scan: each chunk's affine map of the state, the entry state of every chunk, then the chunks
+        cbd, cwarps = min(CONFIG["chunk_bd"], bd), CONFIG["chunk_warps"]
+        if bd % cbd:
+            raise ValueError(f"chunked forward: fwd_bd ({bd}) must be a multiple of chunk_bd ({cbd})")
+        h0 = torch.empty(ndir, B, nch, 2, N * ep, device=xa.device, dtype=torch.float32)
+        _scan_chunk_kernel[(ep // cbd, B, nch)](
+            xa, dta, xb_, dtb_, rec, h0, bias_a, bias_b_,
+            xa.stride(0), xa.stride(1), dta.stride(0), dta.stride(1), xb_.stride(0), xb_.stride(1),
+            dtb_.stride(0), dtb_.stride(1), L, E, ep, B, tc, nch,
+            **dict(common, BD=cbd, R=_per_thread(cbd, cwarps), W=cwarps, EVEN=E % cbd == 0), num_warps=cwarps)
+        blk = 128
+        _scan_combine_kernel[(triton.cdiv(N * ep, blk), B, ndir)](h0, nch, N * ep, BLK=blk, U=8,
+                                                                  REVERSE=bool(reverse), num_warps=1)
+    else:
+        h0 = rec
+    _scan_fwd_kernel[(nblk, B, nch)](
+        xa, dta, xb_, dtb_, zz, out, ypre if ypre.numel() else out, rec, ck if ck.numel() else rec, h0,
         bias_a, bias_b_, Da if Da is not None else bias_a, Db_ if Db_ is not None else bias_a,
         xa.stride(0), xa.stride(1), dta.stride(0), dta.stride(1), xb_.stride(0), xb_.stride(1),
         dtb_.stride(0), dtb_.stride(1), zz.stride(0), zz.stride(1),
-        L, E, B, nck,
-        N=N, BD=bd, R=_per_thread(bd, warps), W=warps, CK=ck_every, REC_W=REC, PADT=PAD, BIDIR=bidir,
-        REVERSE=bool(reverse),
-        HAS_D=Da is not None, HAS_Z=z is not None, SAVE=bool(save), FAST=_FAST,
-        PREFETCH=CONFIG["fwd_prefetch"] and _FAST, EVEN=E % bd == 0,
+        L, E, B, nck, ep, tc, nch, **common, CK=ck_every,
+        HAS_D=Da is not None, HAS_Z=z is not None, SAVE=bool(save), CHUNKED=nch > 1,
         num_warps=warps)
     if not save:
         rec = rec.new_empty(0)

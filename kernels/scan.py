@@ -68,6 +68,17 @@ def _store_own(ptrs, vals, FAST: tl.constexpr):
 
 
 @triton.jit
+def _load_own(ptrs, FAST: tl.constexpr):
+    """Load fp32 values straight into the layout of `ptrs` (GPU: one ld.global per element in inline PTX, for the
+    same reason as _store_own: a plain tl.load of an [N, BD] block may be given another layout)."""
+    if FAST:
+        return tl.inline_asm_elementwise("ld.global.f32 $0, [$1];", "=f,l", [ptrs.to(tl.int64)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _sigmoid(x, FAST: tl.constexpr):
     return _rcp(1.0 + _exp(-x, FAST), FAST)
 
@@ -141,10 +152,15 @@ def _coefs(dt, bias, kappa, FAST: tl.constexpr):
 
 
 @triton.jit
+def _decay(eps, rden, km):
+    # f = 1 - eps k^2 = (1 + beta (kappa - k^2)) / den, exact when k^2 carries all of kappa; [N, BD]
+    return rden[None, :] + eps[None, :] * km[:, None]
+
+
+@triton.jit
 def _advance(S, x, eps, rden, k, km):
-    # S_t = f S_{t-1} + c with f = 1 - eps k^2 = (1 + beta (kappa - k^2)) / den, c = eps x k
-    f = rden[None, :] + eps[None, :] * km[:, None]
-    return f * S + (eps * x)[None, :] * k[:, None]
+    # S_t = f S_{t-1} + c with c = eps x k
+    return _decay(eps, rden, km) * S + (eps * x)[None, :] * k[:, None]
 
 
 @triton.jit
@@ -166,20 +182,23 @@ def _ld(base, t, stride, L, dmask):
 
 @triton.jit
 def _scan_fwd_kernel(
-        xa_ptr, dta_ptr, xb_ptr, dtb_ptr, z_ptr, out_ptr, ypre_ptr, rec_ptr, ck_ptr,
+        xa_ptr, dta_ptr, xb_ptr, dtb_ptr, z_ptr, out_ptr, ypre_ptr, rec_ptr, ck_ptr, h0_ptr,
         bias_a_ptr, bias_b_ptr, Da_ptr, Db_ptr,
         sxa_b, sxa_t, sdta_b, sdta_t, sxb_b, sxb_t, sdtb_b, sdtb_t, sz_b, sz_t,
-        L, E, B, NCK,
+        L, E, B, NCK, EP, TC, NCH,
         N: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr, CK: tl.constexpr,
         REC_W: tl.constexpr, PADT: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
-        PREFETCH: tl.constexpr, EVEN: tl.constexpr):
-    """One program: batch element b, channels [pid*BD, pid*BD + BD), one direction or both interleaved.
+        PREFETCH: tl.constexpr, EVEN: tl.constexpr, CHUNKED: tl.constexpr):
+    """One program: batch element b, channels [pid*BD, pid*BD + BD), one direction or both interleaved, over all
+    tokens or (CHUNKED) over the tokens [c0, c1) of chunk program_id(2), starting from the chunk's entry states
+    (`_scan_combine_kernel`'s output in h0_ptr).
 
-    Both directions: step i advances the forward scan at token i and the backward scan at token L-1-i. While
-    the two have not met, each writes its ungated y into `out` as a partial; once past the middle, each step
+    Both directions: step i advances the forward scan at token c0 + i and the backward scan at token c1-1-i.
+    While the two have not met, each writes its ungated y into `out` as a partial; once past the middle, each step
     reads the other direction's partial back, gates the sum and writes the final value (same thread, same
-    address: no barrier needed). out / y_pre are contiguous (B, L, E).
+    address: no barrier needed). out / y_pre are contiguous (B, L, E). SAVE (never with CHUNKED) also writes the
+    state entering every window of CK steps (checkpoints) and y_pre.
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
@@ -193,6 +212,15 @@ def _scan_fwd_kernel(
     # checkpoints: [ndir, B, NCK, nblk, N * BD], each block in the private layout of _priv_off
     ck_off = pid_d * (N * BD) + _priv_off(offs_n, BD)
     CKS = nblk * (N * BD)
+    if CHUNKED:
+        c0 = tl.program_id(2) * TC
+        c1 = tl.minimum(c0 + TC, L)
+        # chunk entry states: slot 1 of [ndir, B, NCH, 2, N, EP] (see _scan_chunk_kernel)
+        h0_a = h0_ptr + ((b * NCH + tl.program_id(2)) * 2 + 1) * (N * EP) + offs_n[:, None] * EP + offs_d[None, :]
+        h0_b = h0_a + B * NCH * (2 * N * EP)
+    else:
+        c0 = 0
+        c1 = L
 
     bias_a = tl.load(bias_a_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
     if HAS_D:
@@ -206,7 +234,10 @@ def _scan_fwd_kernel(
     rec_a = rec_ptr + (b * LP + PADT) * REC_W
     lane2 = tl.arange(0, 32) * (REC_W // 32)          # one address per lane covers a record row
     ck_a = ck_ptr + b * NCK * CKS
-    Sa = tl.zeros([N, BD], tl.float32)
+    if CHUNKED:
+        Sa = _load_own(h0_a, FAST)
+    else:
+        Sa = tl.zeros([N, BD], tl.float32)
 
     if BIDIR:
         bias_b = tl.load(bias_b_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
@@ -216,25 +247,29 @@ def _scan_fwd_kernel(
         dtb_b = dtb_ptr + b * sdtb_b + offs_d
         rec_b = rec_ptr + ((B + b) * LP + PADT) * REC_W
         ck_b = ck_ptr + (B + b) * NCK * CKS
-        Sb = tl.zeros([N, BD], tl.float32)
+        if CHUNKED:
+            Sb = _load_own(h0_b, FAST)
+        else:
+            Sb = tl.zeros([N, BD], tl.float32)
+        TB0 = c0 + c1 - 1      # step i: forward token i, backward token TB0 - i
         # x and dt come from HBM: prefetch them two steps ahead (the per-token records are L2 hits and the
         # partials were written by this thread, so those are loaded at the top of their own step)
-        xa1 = _ldc(xa_b, 0, sxa_t, L, dmask, EVEN)
-        dta1 = _ldc(dta_b, 0, sdta_t, L, dmask, EVEN)
-        xb1 = _ldc(xb_b, L - 1, sxb_t, L, dmask, EVEN)
-        dtb1 = _ldc(dtb_b, L - 1, sdtb_t, L, dmask, EVEN)
-        xa2 = _ldc(xa_b, 1, sxa_t, L, dmask, EVEN)
-        dta2 = _ldc(dta_b, 1, sdta_t, L, dmask, EVEN)
-        xb2 = _ldc(xb_b, L - 2, sxb_t, L, dmask, EVEN)
-        dtb2 = _ldc(dtb_b, L - 2, sdtb_t, L, dmask, EVEN)
-        for c0 in range(0, L, CK):
+        xa1 = _ldc(xa_b, c0, sxa_t, L, dmask, EVEN)
+        dta1 = _ldc(dta_b, c0, sdta_t, L, dmask, EVEN)
+        xb1 = _ldc(xb_b, TB0 - c0, sxb_t, L, dmask, EVEN)
+        dtb1 = _ldc(dtb_b, TB0 - c0, sdtb_t, L, dmask, EVEN)
+        xa2 = _ldc(xa_b, c0 + 1, sxa_t, L, dmask, EVEN)
+        dta2 = _ldc(dta_b, c0 + 1, sdta_t, L, dmask, EVEN)
+        xb2 = _ldc(xb_b, TB0 - c0 - 1, sxb_t, L, dmask, EVEN)
+        dtb2 = _ldc(dtb_b, TB0 - c0 - 1, sdtb_t, L, dmask, EVEN)
+        for w0 in range(c0, c1, CK):
             if SAVE:
-                if c0 > 0:
-                    _store_own(ck_a + (c0 // CK - 1) * CKS + ck_off, Sa, FAST)
-                    _store_own(ck_b + (c0 // CK - 1) * CKS + ck_off, Sb, FAST)
-            for i in range(c0, tl.minimum(c0 + CK, L)):
+                if w0 > 0:
+                    _store_own(ck_a + (w0 // CK - 1) * CKS + ck_off, Sa, FAST)
+                    _store_own(ck_b + (w0 // CK - 1) * CKS + ck_off, Sb, FAST)
+            for i in range(w0, tl.minimum(w0 + CK, c1)):
                 tf = i
-                tb = L - 1 - i
+                tb = TB0 - i
                 # tf < tb: both partial; tf == tb: both here; tf > tb: both finals, partner partials read back
                 second = tf > tb
                 mid = tf == tb
@@ -249,8 +284,8 @@ def _scan_fwd_kernel(
                 dtb1 = dtb2
                 xa2 = _ldc(xa_b, i + 2, sxa_t, L, dmask, EVEN)
                 dta2 = _ldc(dta_b, i + 2, sdta_t, L, dmask, EVEN)
-                xb2 = _ldc(xb_b, L - 3 - i, sxb_t, L, dmask, EVEN)
-                dtb2 = _ldc(dtb_b, L - 3 - i, sdtb_t, L, dmask, EVEN)
+                xb2 = _ldc(xb_b, TB0 - 2 - i, sxb_t, L, dmask, EVEN)
+                dtb2 = _ldc(dtb_b, TB0 - 2 - i, sdtb_t, L, dmask, EVEN)
                 ka, qa, kma, kappa_a = _load_rec(rec_a, tf, offs_n, N, REC_W)
                 kb, qb, kmb, kappa_b = _load_rec(rec_b, tb, offs_n, N, REC_W)
                 if PREFETCH:
@@ -297,20 +332,20 @@ def _scan_fwd_kernel(
                 tl.store(out_b + tb * E, ob.to(out_ptr.dtype.element_ty), mask=dmask & (tf != tb))
     else:
         if REVERSE:
-            t0 = L - 1
+            t0 = c1 - 1
             dts = -1
         else:
-            t0 = 0
+            t0 = c0
             dts = 1
         xa1 = _ldc(xa_b, t0, sxa_t, L, dmask, EVEN)
         dta1 = _ldc(dta_b, t0, sdta_t, L, dmask, EVEN)
         xa2 = _ldc(xa_b, t0 + dts, sxa_t, L, dmask, EVEN)
         dta2 = _ldc(dta_b, t0 + dts, sdta_t, L, dmask, EVEN)
-        for c0 in range(0, L, CK):
+        for w0 in range(0, c1 - c0, CK):
             if SAVE:
-                if c0 > 0:
-                    _store_own(ck_a + (c0 // CK - 1) * CKS + ck_off, Sa, FAST)
-            for i in range(c0, tl.minimum(c0 + CK, L)):
+                if w0 > 0:
+                    _store_own(ck_a + (w0 // CK - 1) * CKS + ck_off, Sa, FAST)
+            for i in range(w0, tl.minimum(w0 + CK, c1 - c0)):
                 t = t0 + dts * i
                 xa = xa1
                 dta = dta1
@@ -333,6 +368,117 @@ def _scan_fwd_kernel(
                 if HAS_Z:
                     ya = ya * zf * _sigmoid(zf, FAST)
                 tl.store(out_b + t * E, ya.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _scan_chunk_kernel(
+        xa_ptr, dta_ptr, xb_ptr, dtb_ptr, rec_ptr, sum_ptr, bias_a_ptr, bias_b_ptr,
+        sxa_b, sxa_t, sdta_b, sdta_t, sxb_b, sxb_t, sdtb_b, sdtb_t,
+        L, E, EP, B, TC, NCH,
+        N: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr, REC_W: tl.constexpr,
+        PADT: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, FAST: tl.constexpr,
+        PREFETCH: tl.constexpr, EVEN: tl.constexpr):
+    """Pass 1 of the chunked forward (for too few programs to fill the GPU: small batch, long sequences). For the
+    tokens [c0, c1) of chunk program_id(2) and each direction, the chunk's affine map of the state,
+    S_out = A * S_in + Z, with A the product of the decays f and Z the state reached from zero. Written to
+    sum[ndir, B, NCH, 2, N, EP] (slot 0: A, slot 1: Z; EP >= E a multiple of every block size)."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1)
+    c = tl.program_id(2)
+    offs_d = _channels(pid_d, BD, R, W)
+    if EVEN:
+        dmask = tl.full([BD], 1, tl.int1)
+    else:
+        dmask = offs_d < E
+    offs_n = tl.arange(0, N)
+    CKS = N * EP
+    c0 = c * TC
+    c1 = tl.minimum(c0 + TC, L)
+    out_a = sum_ptr + (b * NCH + c) * (2 * CKS) + offs_n[:, None] * EP + offs_d[None, :]
+    LP = L + 2 * PADT
+    lane2 = tl.arange(0, 32) * (REC_W // 32)
+    if REVERSE:
+        ta0 = c1 - 1
+        da = -1
+    else:
+        ta0 = c0
+        da = 1
+    bias_a = tl.load(bias_a_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    xa_b = xa_ptr + b * sxa_b + offs_d
+    dta_b = dta_ptr + b * sdta_b + offs_d
+    rec_a = rec_ptr + (b * LP + PADT) * REC_W
+    Sa = tl.zeros([N, BD], tl.float32)
+    Aa = tl.full([N, BD], 1.0, tl.float32)
+    xa1 = _ldc(xa_b, ta0, sxa_t, L, dmask, EVEN)
+    dta1 = _ldc(dta_b, ta0, sdta_t, L, dmask, EVEN)
+    if BIDIR:
+        bias_b = tl.load(bias_b_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        xb_b = xb_ptr + b * sxb_b + offs_d
+        dtb_b = dtb_ptr + b * sdtb_b + offs_d
+        rec_b = rec_ptr + ((B + b) * LP + PADT) * REC_W
+        Sb = tl.zeros([N, BD], tl.float32)
+        Ab = tl.full([N, BD], 1.0, tl.float32)
+        xb1 = _ldc(xb_b, c1 - 1, sxb_t, L, dmask, EVEN)
+        dtb1 = _ldc(dtb_b, c1 - 1, sdtb_t, L, dmask, EVEN)
+    for i in range(0, c1 - c0):
+        ta = ta0 + da * i
+        xa = xa1
+        dta = dta1
+        xa1 = _ldc(xa_b, ta + da, sxa_t, L, dmask, EVEN)
+        dta1 = _ldc(dta_b, ta + da, sdta_t, L, dmask, EVEN)
+        ka, _, kma, kappa_a = _load_rec(rec_a, ta, offs_n, N, REC_W)
+        if PREFETCH:
+            _prefetch(rec_a + (ta + da) * REC_W + lane2, FAST)
+        _, rden_a, eps_a = _coefs(dta, bias_a, kappa_a, FAST)
+        fa = _decay(eps_a, rden_a, kma)
+        Sa = fa * Sa + (eps_a * xa)[None, :] * ka[:, None]
+        Aa = fa * Aa
+        if BIDIR:
+            tb = c1 - 1 - i
+            xb = xb1
+            dtb = dtb1
+            xb1 = _ldc(xb_b, tb - 1, sxb_t, L, dmask, EVEN)
+            dtb1 = _ldc(dtb_b, tb - 1, sdtb_t, L, dmask, EVEN)
+            kb, _, kmb, kappa_b = _load_rec(rec_b, tb, offs_n, N, REC_W)
+            if PREFETCH:
+                _prefetch(rec_b + (tb - 1) * REC_W + lane2, FAST)
+            _, rden_b, eps_b = _coefs(dtb, bias_b, kappa_b, FAST)
+            fb = _decay(eps_b, rden_b, kmb)
+            Sb = fb * Sb + (eps_b * xb)[None, :] * kb[:, None]
+            Ab = fb * Ab
+    _store_own(out_a, Aa, FAST)
+    _store_own(out_a + CKS, Sa, FAST)
+    if BIDIR:
+        out_b = out_a + B * NCH * (2 * CKS)
+        _store_own(out_b, Ab, FAST)
+        _store_own(out_b + CKS, Sb, FAST)
+
+
+@triton.jit
+def _scan_combine_kernel(sum_ptr, NCH, CKS, BLK: tl.constexpr, U: tl.constexpr, REVERSE: tl.constexpr):
+    """Pass 2 of the chunked forward: the state entering every chunk, sequentially over the chunks in scan order
+    (entering the first: zero; entering the next: A * S_in + Z), written over Z. Direction 1 (and a reversed
+    single direction) walks the chunks from the last. The loads of U chunks are issued together (the walk is
+    latency-bound). Grid: (state blocks, B, ndir)."""
+    e = tl.program_id(0) * BLK + tl.arange(0, BLK)
+    m = e < CKS
+    b = tl.program_id(1)
+    d = tl.program_id(2)
+    base = sum_ptr + (d * tl.num_programs(1) + b) * NCH * (2 * CKS) + e
+    back = (d == 1) | REVERSE
+    s = tl.zeros([BLK], tl.float32)
+    for j0 in range(0, NCH, U):
+        ps = ()
+        az = ()
+        for u in tl.static_range(U):
+            ok = j0 + u < NCH
+            p = base + tl.where(back, NCH - 1 - j0 - u, j0 + u) * (2 * CKS)
+            ps = ps + (p,)
+            az = az + (tl.load(p, mask=m & ok, other=0.0), tl.load(p + CKS, mask=m & ok, other=0.0))
+        for u in tl.static_range(U):
+            ok = j0 + u < NCH
+            tl.store(ps[u] + CKS, s, mask=m & ok)
+            s = az[2 * u] * s + az[2 * u + 1]
 
 
 # ------------------------------------------------------------------------------------------------- backward

@@ -193,6 +193,51 @@ def test_bidirectional_scan_is_deterministic(config):
         assert torch.equal(a, b)
 
 
+# --------------------------------------------------------------------------- chunked (two-level) inference forward
+CHUNK_CASES = [
+    # B, L, E, bidir, reverse, strong, dtype, tokens per chunk (0: the GPU's own choice), other CONFIG overrides
+    pytest.param(2, 23, 40, True, False, False, torch.float32, 5, {}, id="bidir-tc5"),
+    pytest.param(1, 20, 40, True, False, True, torch.float32, 7, {}, id="bidir-strong-even-L"),
+    pytest.param(1, 13, 33, True, False, False, torch.float32, 1, {}, id="bidir-tc1"),
+    pytest.param(2, 23, 40, False, True, False, torch.float32, 6, {}, id="reverse-tc6"),
+    pytest.param(2, 23, 40, False, False, True, torch.bfloat16, 4, {}, id="bf16-strong-tc4"),
+    pytest.param(2, 19, 72, True, False, False, torch.float32, 8, {"fwd_bd": 64, "chunk_bd": 32},
+                 id="bd64-chunk-bd32"),
+    pytest.param(1, 19, 128, True, False, False, torch.float32, 6, {"fwd_bd": 64, "chunk_bd": 64}, id="bd64-even"),
+    pytest.param(1, 3000, 768, True, False, True, torch.bfloat16, 0, {}, id="large-auto", marks=needs_cuda),
+    pytest.param(2, 1500, 200, False, True, False, torch.float32, 0, {}, id="large-auto-reverse", marks=needs_cuda),
+]
+
+
+@pytest.mark.parametrize("B,L,E,bidir,reverse,strong,dtype,tc,cfg", CHUNK_CASES)
+def test_chunked_inference_forward(config, B, L, E, bidir, reverse, strong, dtype, tc, cfg):
+    """Without grad, few programs take the two-level scan (chunk summaries, entry states, chunks from their entry
+    state); it must give the reference's output, and the sequential kernel's up to rounding."""
+    from vlonghorn.kernels.interface import _chunk_len
+    config.update(cfg, fwd_chunk=tc)
+    fwd, _ = _scan_inputs(B, L, E, 16, dtype, strong=strong, seed=5)
+    x = fwd["x"]
+    assert _chunk_len(x, B, L, -(-E // config["fwd_bd"])) < L, "this case should run chunked"
+    with torch.no_grad():
+        if bidir:
+            bwd, _ = _scan_inputs(B, L, E, 16, dtype, strong=strong, has_z=False, seed=6)
+            args = (fwd["x"], bwd["x"], fwd["dt"], bwd["dt"], fwd["k"], fwd["q"], bwd["k"], bwd["q"],
+                    fwd["dt_bias"], bwd["dt_bias"], fwd["D"], bwd["D"], fwd["z"])
+            y = bidirectional_longhorn_scan_triton(*args)
+            y_ref = (longhorn_scan_ref(**dict(fwd, z=None)) + longhorn_scan_ref(**dict(bwd, z=None), reverse=True))
+            y_ref = y_ref / 2 * F.silu(fwd["z"].double())
+            config["fwd_chunk"] = L
+            y_seq = bidirectional_longhorn_scan_triton(*args)
+        else:
+            y = longhorn_scan_triton(**fwd, reverse=reverse)
+            y_ref = longhorn_scan_ref(**fwd, reverse=reverse)
+            config["fwd_chunk"] = L
+            y_seq = longhorn_scan_triton(**fwd, reverse=reverse)
+    assert y.dtype == dtype and y.shape == (B, L, E)
+    _check("y (chunked)", y, y_ref, dtype)
+    _check("y (chunked) vs sequential kernel", y, y_seq.double(), dtype)
+
+
 def test_inference_saves_nothing(config):
     """Without grad the forward writes no checkpoints; with grad it can be differentiated."""
     from vlonghorn.kernels.interface import scan_fwd
