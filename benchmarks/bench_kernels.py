@@ -124,8 +124,8 @@ def bench(fn, rep_ms=200):
     return do_bench(fn, warmup=max(rep_ms // 4, 10), rep=rep_ms, return_mode="median") * 1e3  # us
 
 
-def floors(L, bw, issue):
-    ble, bln = B * L * E, B * L * N
+def floors(L, bw, issue, batch=B):
+    ble, bln = batch * L * E, batch * L * N
     elems = 2 * ble * N
     f_bytes = 12 * ble + 8 * bln
     b_bytes = 24 * ble + 24 * bln
@@ -197,35 +197,49 @@ def time_conv(L, torch_path=True):
     return out
 
 
-# inference forward at small batch and long sequences (high resolution), where batch x channel blocks are too few
-# programs to fill the GPU: the two-level (chunked) scan against the plain sequential one, in the same run
+# small batch and long sequences (high resolution), where batch x channel blocks are too few programs to fill the
+# GPU: the chunked forward and segmented backward against the plain sequential kernels, in the same run
 SMALL_BATCH = [(2, 16385), (16, 4097), (32, 1025), (64, 1025)]
 
 
 def time_small_batch(bw, issue):
+    from vlonghorn.kernels.interface import _chunk_len, _seg_windows
     res = {}
     for b_, L in SMALL_BATCH:
         args, z = scan_inputs(L, B=b_)
         a = bidir_args(args, z)
-        row = {}
-        saved = CONFIG["fwd_chunk"]
-        with torch.no_grad():
-            for key, tc in (("chunked", 0), ("sequential", L)):
-                CONFIG["fwd_chunk"] = tc
+        ga, gz, leaves = with_grad(args, z)
+        ag = bidir_args(ga, gz)
+        g = torch.randn(b_, L, E, device="cuda", dtype=torch.bfloat16)
+        row, outs = {}, {}
+        saved = dict(CONFIG)
+        for key, over in (("chunked", {}), ("sequential", {"fwd_chunk": L, "bwd_seg": 10 ** 6})):
+            CONFIG.update(over)
+            with torch.no_grad():
                 row[key] = bench(lambda: ops.bidirectional_longhorn_scan(*a, backend="triton"))
-            CONFIG["fwd_chunk"] = saved
-            ref = ops.bidirectional_longhorn_scan(*a, backend="triton")
-            CONFIG["fwd_chunk"] = L
-            seq = ops.bidirectional_longhorn_scan(*a, backend="triton")
-            CONFIG["fwd_chunk"] = saved
-        from vlonghorn.kernels.interface import _chunk_len
-        row["tokens_per_chunk"] = _chunk_len(a[0], b_, L, triton.cdiv(E, CONFIG["fwd_bd"]))
-        row["max_rel_diff_vs_sequential"] = ((ref.float() - seq.float()).abs().max() / seq.float().abs().max()).item()
-        f_bytes = 12 * b_ * L * E + 8 * b_ * L * N
-        row["floor_us"] = max(f_bytes / bw, INSTR_FWD * 2 * b_ * L * E * N / issue) * 1e6
+                y = ops.bidirectional_longhorn_scan(*a, backend="triton")
+
+            def fwd_bwd():
+                return torch.autograd.grad(ops.bidirectional_longhorn_scan(*ag, backend="triton"), leaves, g)
+
+            row[key + " fwd+bwd"] = bench(fwd_bwd)
+            outs[key] = [y] + list(fwd_bwd())
+            CONFIG.clear()
+            CONFIG.update(saved)
+        nblk = triton.cdiv(E, CONFIG["fwd_bd"])
+        row["tokens_per_chunk"] = _chunk_len(a[0], b_, L, nblk)
+        row["windows_per_segment"] = _seg_windows(a[0], b_ * triton.cdiv(E, CONFIG["bwd_bd"]) * 2,
+                                                  triton.cdiv(L, CONFIG["ck"]))
+        row["max_rel_diff_vs_sequential"] = max(
+            ((o.float() - r.float()).abs().max() / r.float().abs().max()).item()
+            for o, r in zip(outs["chunked"], outs["sequential"]))
+        fl = floors(L, bw, issue, b_)
+        row["floor_us"] = fl["scan fwd"]["floor_us"]
+        row["floor_fwd+bwd_us"] = fl["scan fwd+bwd"]["floor_us"]
         res[f"B{b_}-L{L}"] = row
         print("small batch", b_, L, row, flush=True)
-        del args, a, z, ref, seq
+        del args, a, z, ga, gz, leaves, ag, outs
+        torch.cuda.empty_cache()
     return res
 
 
@@ -340,7 +354,7 @@ def main():
     meta["config"] = dict(CONFIG)
     result["errors_B8_L197"] = errors()
     print(json.dumps(result["errors_B8_L197"], indent=1), flush=True)
-    result["small_batch_fwd"] = time_small_batch(bw, issue)
+    result["small_batch"] = time_small_batch(bw, issue)
     rows = []
     for L in opt.lengths:
         torch.cuda.empty_cache()
@@ -365,16 +379,17 @@ def main():
         lines.append(f"| {name} | {L} | {t:.1f} | {fl_:.1f} ({mem:.1f} / {ins:.1f}) | {t / fl_:.2f} | "
                      f"{'' if tgt is None else f'{tgt:.0f}'} | {'' if tt is None else f'{tt:.1f}'} | "
                      f"{'' if tt is None else f'{tt / t:.1f}x'} |")
-    lines += ["", "Inference forward (both directions) at small batch: two-level chunked scan vs the sequential "
-              "one (the default picks the chunking from the GPU's size):", "",
-              "| B | L | tokens per chunk | chunked us | sequential us | speed-up | floor us | x floor | "
-              "max diff / max |", "|" + "---|" * 9]
-    for key, r in result["small_batch_fwd"].items():
+    lines += ["", "Small batch, long sequences (both directions): the chunked forward and segmented backward (chosen "
+              "from the GPU's size) vs the sequential kernels. Inference forward, and forward+backward (autograd):", "",
+              "| B | L | tokens per chunk | windows per segment | fwd chunked us | sequential us | speed-up | x floor | "
+              "fwd+bwd chunked us | sequential us | speed-up | x floor | max diff / max |", "|" + "---|" * 13]
+    for key, r in result["small_batch"].items():
         b_, L = (int(v) for v in key[1:].split("-L"))
-        lines.append(f"| {b_} | {L} | {r['tokens_per_chunk']} | {r['chunked']:.1f} | {r['sequential']:.1f} | "
-                     f"{r['sequential'] / r['chunked']:.2f}x | {r['floor_us']:.1f} | "
-                     f"{r['chunked'] / r['floor_us']:.1f} | "
-                     f"{r['max_rel_diff_vs_sequential']:.1e} |")
+        lines.append(f"| {b_} | {L} | {r['tokens_per_chunk']} | {r['windows_per_segment']} | {r['chunked']:.1f} | "
+                     f"{r['sequential']:.1f} | {r['sequential'] / r['chunked']:.2f}x | "
+                     f"{r['chunked'] / r['floor_us']:.1f} | {r['chunked fwd+bwd']:.1f} | "
+                     f"{r['sequential fwd+bwd']:.1f} | {r['sequential fwd+bwd'] / r['chunked fwd+bwd']:.2f}x | "
+                     f"{r['chunked fwd+bwd'] / r['floor_fwd+bwd_us']:.1f} | {r['max_rel_diff_vs_sequential']:.1e} |")
     lines += ["", "Errors (RMS-relative vs float64 reference, B=8, L=197, E=768):", ""]
     for dt, errs in result["errors_B8_L197"].items():
         worst = max(v for k, v in errs.items() if k != "any_nan")

@@ -4,7 +4,9 @@
 
 Both runs use train.py with the same recipe, seed and data order (configs/cifar10.yaml, vlonghorn_tiny, bf16);
 only VLONGHORN_BACKEND differs. Prints and writes (backends_<date>.{json,md}) the logged training loss of both
-at every --log-every steps and their largest difference.
+at every --log-every steps and their largest difference. VLONGHORN_KERNEL_CONFIG in the environment applies to
+the Triton run and is recorded with the results (e.g. '{"ck": 16, "fwd_chunk": 16, "bwd_seg": 1}' sends CIFAR's
+65-token sequences through the chunked forward and the segmented backward).
 """
 import argparse
 import datetime
@@ -51,7 +53,8 @@ def main():
     date = datetime.date.today().isoformat()
     meta = dict(date=date, device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
                 model="vlonghorn_tiny", recipe="configs/cifar10.yaml", steps=args.steps, max_abs_loss_diff=diff,
-                img_s_triton=runs["triton"][steps[-1]][1], img_s_torch=runs["torch"][steps[-1]][1])
+                img_s_triton=runs["triton"][steps[-1]][1], img_s_torch=runs["torch"][steps[-1]][1],
+                kernel_config=os.environ.get("VLONGHORN_KERNEL_CONFIG"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"backends_{date}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
@@ -59,7 +62,9 @@ def main():
              f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}. vlonghorn_tiny on CIFAR-10 "
              f"(configs/cifar10.yaml, bf16, seed 0, same data order), {args.steps} updates. Largest difference of "
              f"the logged loss: {diff:.4f}. Training img/s (cumulative): Triton {meta['img_s_triton']:.0f}, "
-             f"PyTorch {meta['img_s_torch']:.0f}.", "", "| step | loss (Triton) | loss (PyTorch) |", "|---|---|---|"]
+             f"PyTorch {meta['img_s_torch']:.0f}." + (f" Kernel launch overrides (VLONGHORN_KERNEL_CONFIG): "
+                                                      f"{meta['kernel_config']}." if meta["kernel_config"] else ""),
+             "", "| step | loss (Triton) | loss (PyTorch) |", "|---|---|---|"]
     lines += [f"| {r['step']} | {r['loss_triton']:.4f} | {r['loss_torch']:.4f} |" for r in rows]
     (out / f"backends_{date}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels import interface  # noqa: E402
 from kernels.conv import _conv_bwd_kernel, _conv_fwd_kernel  # noqa: E402
-from kernels.scan import PAD, REC, _scan_bwd_kernel, _scan_chunk_kernel, _scan_fwd_kernel  # noqa: E402
+from kernels.scan import PAD, REC, _adjoint_chunk_kernel, _scan_bwd_kernel, _scan_chunk_kernel, _scan_fwd_kernel  # noqa: E402,E501
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -101,9 +101,9 @@ def main():
     args = ap.parse_args()
     cfg = dict(interface.CONFIG)
     cfg.update(json.loads(args.config))
-    f32 = {n: "*fp32" for n in ("rec_ptr", "ck_ptr", "h0_ptr", "sum_ptr", "scr_ptr", "dkq_ptr", "dpar_ptr",
+    f32 = {n: "*fp32" for n in ("rec_ptr", "ck_ptr", "h0_ptr", "sum_ptr", "csum_ptr", "scr_ptr", "dkq_ptr", "dpar_ptr",
                                 "bias_a_ptr", "bias_b_ptr", "Da_ptr", "Db_ptr", "dw_ptr")}
-    common = dict(N=16, REC_W=REC, PADT=PAD, HAS_D=True, HAS_Z=True, FAST=True)
+    common = dict(N=16, REC_W=REC, PADT=PAD, HAS_D=True, HAS_Z=True, FAST=True, WIN=False, SEG=False)
     rf = cfg["fwd_bd"] // (32 * cfg["fwd_warps"])
     jobs = [
         ("scan_fwd_infer", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"], CK=cfg["ck"],
@@ -118,6 +118,11 @@ def main():
                                                 R=cfg["chunk_bd"] // (32 * cfg["chunk_warps"]), W=cfg["chunk_warps"],
                                                 BIDIR=True, REVERSE=False, PREFETCH=cfg["fwd_prefetch"], EVEN=True),
          cfg["chunk_warps"]),
+        ("scan_fwd_train_chunked", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"],
+                                                           CK=cfg["ck"], BIDIR=True, REVERSE=False, SAVE=True,
+                                                           PREFETCH=cfg["fwd_prefetch"], EVEN=True, CHUNKED=True,
+                                                           WIN=True),
+         cfg["fwd_warps"]),
         ("scan_fwd_train", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"], CK=cfg["ck"],
                                                    BIDIR=True, REVERSE=False, SAVE=True,
                                                    PREFETCH=cfg["fwd_prefetch"], EVEN=True, CHUNKED=False),
@@ -126,6 +131,15 @@ def main():
                                             TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
                                             BIDIR=True, REVERSE=False, SCATTER=True),
          cfg["bwd_warps"]),
+        ("scan_bwd_seg", _scan_bwd_kernel, dict(common, BD=cfg["bwd_bd"], W=cfg["bwd_warps"], CK=cfg["ck"],
+                                                TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
+                                                BIDIR=True, REVERSE=False, SCATTER=True, SEG=True),
+         cfg["bwd_warps"]),
+        ("scan_adjoint_chunk", _adjoint_chunk_kernel, dict(common, BD=cfg["chunk_bd"],
+                                                           R=cfg["chunk_bd"] // (32 * cfg["chunk_warps"]),
+                                                           W=cfg["chunk_warps"], BIDIR=True, REVERSE=False,
+                                                           EVEN=True),
+         cfg["chunk_warps"]),
         ("conv_fwd", _conv_fwd_kernel, dict(BD=cfg["conv_bd"], HAS_BF=True, HAS_BB=True, FAST=True),
          cfg["conv_warps"]),
         ("conv_bwd", _conv_bwd_kernel, dict(BD=cfg["conv_bd"], HAS_BF=True, HAS_BB=True, FAST=True),

@@ -17,7 +17,8 @@ import triton
 from torch import Tensor
 
 from .conv import _conv_bwd_kernel, _conv_fwd_kernel
-from .scan import PAD, REC, _prep_kernel, _scan_bwd_kernel, _scan_chunk_kernel, _scan_combine_kernel, _scan_fwd_kernel
+from .scan import (PAD, REC, _adjoint_chunk_kernel, _prep_kernel, _scan_bwd_kernel, _scan_chunk_kernel,
+                   _scan_combine_kernel, _scan_fwd_kernel)
 
 __all__ = ["longhorn_scan_triton", "bidirectional_longhorn_scan_triton", "bidirectional_conv1d_silu_triton",
            "CONFIG"]
@@ -32,13 +33,19 @@ CONFIG = {
     # L1 prefetch of the next step's per-token records (GPU only): halves the forward on an H100 (613 -> 322 us
     # at B=128, L=197)
     "fwd_prefetch": True,
-    # Chunked inference forward (two-level scan) for too few programs to fill the GPU (small batch, high
-    # resolution). fwd_chunk: tokens per chunk; 0 chooses: chunk only if batch x channel blocks x
-    # fwd_chunk_split <= SMs x fwd_resident (the forward's resident programs per SM at 168 registers), into about
-    # fwd_chunk_waves x that many programs, at least fwd_chunk_min tokens each (H100 sweep in NOTES_kernels.md);
-    # tests set a number to force it. chunk_bd / chunk_warps: the launch of the first pass (it divides fwd_bd).
-    "fwd_chunk": 0, "fwd_resident": 12, "fwd_chunk_split": 3, "fwd_chunk_waves": 2, "fwd_chunk_min": 64,
+    # Chunked forward (two-level scan) for too few programs to fill the GPU (small batch, high resolution).
+    # fwd_chunk: tokens per chunk; 0 chooses: chunk only if batch x channel blocks x fwd_chunk_split <= SMs x
+    # fwd_resident (the forward's resident programs per SM at 168 registers), into about fwd_chunk_waves x that
+    # many programs, at least fwd_chunk_min tokens each (shorter chunks lose to the launches' host time); tests
+    # set a number to force it. chunk_bd / chunk_warps: the launch of the first passes (it divides fwd_bd).
+    # H100 sweeps: NOTES_kernels.md items 27, 29.
+    "fwd_chunk": 0, "fwd_resident": 12, "fwd_chunk_split": 3, "fwd_chunk_waves": 2, "fwd_chunk_min": 256,
     "chunk_bd": 64, "chunk_warps": 1,
+    # Segmented backward, the same idea: bwd_seg checkpoint windows per segment (0: segments only if batch x
+    # channel blocks x directions <= bwd_seg_cap x SMs x bwd_resident (the backward's resident programs at 227
+    # registers), into about bwd_seg_waves x that many programs of at least bwd_seg_min windows; a number forces
+    # it).
+    "bwd_seg": 0, "bwd_resident": 8, "bwd_seg_cap": 2, "bwd_seg_waves": 8, "bwd_seg_min": 4,
 }
 if os.environ.get("VLONGHORN_KERNEL_CONFIG"):  # e.g. the launch configuration a benchmark sweep chose
     import json
@@ -83,19 +90,32 @@ def _prep(pairs, L):
     return rec
 
 
-def _chunk_len(x, B, L, nblk):
-    """Tokens per chunk of the two-level inference forward, or L (one chunk: the plain sequential scan)."""
-    tc = CONFIG["fwd_chunk"]
-    if tc:
-        return max(1, min(int(tc), L))
+def _auto_parts(x, progs, resident, limit, waves, most):
+    """Parts to cut every sequence into when `progs` programs (one warp each, `resident` per SM) cannot fill the
+    GPU: none (1) above limit x SMs x resident programs or off CUDA, else about `waves` times that many
+    programs, at most `most` parts."""
     if x.device.type != "cuda":
-        return L
-    cap = torch.cuda.get_device_properties(x.device).multi_processor_count * CONFIG["fwd_resident"]
-    progs = B * nblk
-    if progs * CONFIG["fwd_chunk_split"] > cap:
-        return L
-    nch = min(CONFIG["fwd_chunk_waves"] * cap // progs, L // CONFIG["fwd_chunk_min"])
-    return triton.cdiv(L, nch) if nch >= 2 else L
+        return 1
+    cap = torch.cuda.get_device_properties(x.device).multi_processor_count * resident
+    return 1 if progs > limit * cap else max(1, min(waves * cap // progs, most))
+
+
+def _chunk_len(x, B, L, nblk):
+    """Tokens per chunk of the two-level forward, or L (one chunk: the plain sequential scan)."""
+    if CONFIG["fwd_chunk"]:
+        return max(1, min(int(CONFIG["fwd_chunk"]), L))
+    nch = _auto_parts(x, B * nblk, CONFIG["fwd_resident"], 1 / CONFIG["fwd_chunk_split"], CONFIG["fwd_chunk_waves"],
+                      L // CONFIG["fwd_chunk_min"])
+    return triton.cdiv(L, nch)
+
+
+def _seg_windows(x, progs, nw):
+    """Checkpoint windows per segment of the segmented backward (nw: one segment)."""
+    if CONFIG["bwd_seg"]:
+        return max(1, min(int(CONFIG["bwd_seg"]), nw))
+    nseg = _auto_parts(x, progs, CONFIG["bwd_resident"], CONFIG["bwd_seg_cap"], CONFIG["bwd_seg_waves"],
+                       nw // CONFIG["bwd_seg_min"])
+    return triton.cdiv(nw, nseg)
 
 
 def _scan_fwd_impl(xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, reverse, save):
@@ -122,32 +142,40 @@ def _scan_fwd_impl(xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, 
     zz = z if z is not None else xa
     common = dict(N=N, BD=bd, R=_per_thread(bd, warps), W=warps, REC_W=REC, PADT=PAD, BIDIR=bidir,
                   REVERSE=bool(reverse), FAST=_FAST, PREFETCH=CONFIG["fwd_prefetch"] and _FAST, EVEN=E % bd == 0)
-    tc = L if save else _chunk_len(xa, B, L, nblk)
+    tc = _chunk_len(xa, B, L, nblk) if (bidir or not save) else L
+    if save and tc < L:
+        tc = triton.cdiv(tc, ck_every) * ck_every     # training: chunks of whole checkpoint windows
     nch = triton.cdiv(L, tc)
     ep = nblk * bd
+    win = save and nch > 1
     if nch > 1:
-        # two-level scan: each chunk's affine map of the state, the entry state of every chunk, then the chunks
+        # two-level scan: each chunk's affine map of the state, the entry state of every chunk, then the chunks.
+        # Training: the summaries are per checkpoint window of each direction, and the combine writes the
+        # checkpoints; the chunks then start from their windows' entry states.
+        nsum, tsum = (triton.cdiv(L, ck_every), ck_every) if win else (nch, tc)
         cbd, cwarps = min(CONFIG["chunk_bd"], bd), CONFIG["chunk_warps"]
         if bd % cbd:
             raise ValueError(f"chunked forward: fwd_bd ({bd}) must be a multiple of chunk_bd ({cbd})")
-        h0 = torch.empty(ndir, B, nch, 2, N * ep, device=xa.device, dtype=torch.float32)
-        _scan_chunk_kernel[(ep // cbd, B, nch)](
+        h0 = torch.empty(ndir, B, nsum, 2, N * ep, device=xa.device, dtype=torch.float32)
+        _scan_chunk_kernel[(ep // cbd, B, nsum)](
             xa, dta, xb_, dtb_, rec, h0, bias_a, bias_b_,
             xa.stride(0), xa.stride(1), dta.stride(0), dta.stride(1), xb_.stride(0), xb_.stride(1),
-            dtb_.stride(0), dtb_.stride(1), L, E, ep, B, tc, nch,
-            **dict(common, BD=cbd, R=_per_thread(cbd, cwarps), W=cwarps, EVEN=E % cbd == 0), num_warps=cwarps)
+            dtb_.stride(0), dtb_.stride(1), L, E, ep, B, tsum, nsum,
+            **dict(common, BD=cbd, R=_per_thread(cbd, cwarps), W=cwarps, EVEN=E % cbd == 0), WIN=win,
+            num_warps=cwarps)
         blk = 128
-        _scan_combine_kernel[(triton.cdiv(N * ep, blk), B, ndir)](h0, nch, N * ep, BLK=blk, U=8,
-                                                                  REVERSE=bool(reverse), num_warps=1)
+        _scan_combine_kernel[(triton.cdiv(N * ep, blk), B, ndir)](
+            h0, ck if win else h0, nsum, ep, E, N=N, BLK=blk, U=8, BACK0=bool(reverse) and not win,
+            BACK1=not win, CKOUT=win, BDF=bd, RF=_per_thread(bd, warps), WF=warps, num_warps=1)
     else:
-        h0 = rec
+        h0, nsum = rec, 1
     _scan_fwd_kernel[(nblk, B, nch)](
         xa, dta, xb_, dtb_, zz, out, ypre if ypre.numel() else out, rec, ck if ck.numel() else rec, h0,
         bias_a, bias_b_, Da if Da is not None else bias_a, Db_ if Db_ is not None else bias_a,
         xa.stride(0), xa.stride(1), dta.stride(0), dta.stride(1), xb_.stride(0), xb_.stride(1),
         dtb_.stride(0), dtb_.stride(1), zz.stride(0), zz.stride(1),
-        L, E, B, nck, ep, tc, nch, **common, CK=ck_every,
-        HAS_D=Da is not None, HAS_Z=z is not None, SAVE=bool(save), CHUNKED=nch > 1,
+        L, E, B, nck, ep, tc, nsum, **common, CK=ck_every,
+        HAS_D=Da is not None, HAS_Z=z is not None, SAVE=bool(save), CHUNKED=nch > 1, WIN=win,
         num_warps=warps)
     if not save:
         rec = rec.new_empty(0)
@@ -175,23 +203,43 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
     dz = torch.empty(B, L, E, device=dev, dtype=z.dtype) if z is not None else None
     scatter = _FAST and N == 16
     nparts = nblk * CONFIG["bwd_warps"] if scatter else nblk
+    nw = triton.cdiv(L, ck_every)
+    sw = _seg_windows(xa, B * nblk * ndir, nw)
+    nseg = triton.cdiv(nw, sw)
     dkq = torch.empty(ndir, nparts, B, L, 2 * N, device=dev, dtype=torch.float32)
-    dpar = torch.zeros(ndir, B, 2, E, device=dev, dtype=torch.float32)
-    scratch = torch.empty(ndir * B * nblk * (ck_every // tt) * N * bd, device=dev, dtype=torch.float32)
+    dpar = torch.zeros(ndir, B * nseg, 2, E, device=dev, dtype=torch.float32)
+    scratch = torch.empty(ndir * B * nseg * nblk * (ck_every // tt) * N * bd, device=dev, dtype=torch.float32)
     xb_, dtb_, bias_b_ = (xb, dtb, bias_b) if bidir else (xa, dta, bias_a)
     Db_ = Db if bidir else Da
     zz = z if z is not None else xa
-    _scan_bwd_kernel[(nblk, B, ndir)](
+    cbd, cwarps = CONFIG["chunk_bd"], CONFIG["chunk_warps"]
+    ep = triton.cdiv(E, max(cbd, bd)) * max(cbd, bd)
+    if nseg > 1:
+        # the adjoint carry entering every segment: per-segment maps, then a combine against the scan order
+        csum = torch.empty(ndir, B, nseg, 2, N * ep, device=dev, dtype=torch.float32)
+        _adjoint_chunk_kernel[(ep // cbd, B, ndir * nseg)](
+            grad, zz, dta, dtb_, rec, csum, bias_a, bias_b_, grad.stride(0), grad.stride(1), zz.stride(0),
+            zz.stride(1), dta.stride(0), dta.stride(1), dtb_.stride(0), dtb_.stride(1), L, E, ep, B,
+            sw * ck_every, nseg, N=N, BD=cbd, R=_per_thread(cbd, cwarps), W=cwarps, REC_W=REC, PADT=PAD,
+            BIDIR=bidir, REVERSE=bool(reverse), HAS_Z=z is not None, FAST=_FAST, EVEN=E % cbd == 0,
+            num_warps=cwarps)
+        blk = 128
+        _scan_combine_kernel[(triton.cdiv(N * ep, blk), B, ndir)](
+            csum, csum, nseg, ep, E, N=N, BLK=blk, U=8, BACK0=True, BACK1=True, CKOUT=False, BDF=bdf, RF=rf,
+            WF=CONFIG["fwd_warps"], num_warps=1)
+    else:
+        csum = dpar
+    _scan_bwd_kernel[(nblk, B, ndir * nseg)](
         grad, zz, ypre if ypre.numel() else grad, rec, ck, scratch,
         xa, dta, xb_, dtb_, bias_a, bias_b_, Da if Da is not None else bias_a, Db_ if Db_ is not None else bias_a,
         dxa, ddta, dxb, ddtb, dz if dz is not None else dxa, dkq, dpar,
         grad.stride(0), grad.stride(1), zz.stride(0), zz.stride(1), xa.stride(0), xa.stride(1),
         dta.stride(0), dta.stride(1), xb_.stride(0), xb_.stride(1), dtb_.stride(0), dtb_.stride(1),
-        L, E, B, nck, triton.cdiv(E, bdf),
+        L, E, B, nck, triton.cdiv(E, bdf), csum, nseg, sw, ep,
         N=N, BD=bd, W=CONFIG["bwd_warps"], CK=ck_every, TT=tt,
         REC_W=REC, PADT=PAD, BDF=bdf, RF=rf, WF=CONFIG["fwd_warps"],
         BIDIR=bidir, REVERSE=bool(reverse),
-        HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter,
+        HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter, SEG=nseg > 1,
         num_warps=CONFIG["bwd_warps"])
     res = []
     for i, (dx, ddt, bias, D) in enumerate(((dxa, ddta, bias_a, Da), (dxb, ddtb, bias_b, Db))[:ndir]):

@@ -17,6 +17,12 @@ tile start (every TT steps) to a small program-private scratch; then, for each t
 TT + 1 states in registers and walks them backwards carrying the adjoint. dk/dq are reduced over each warp's
 channels (one reduce-scatter of the 2N per-channel terms) and written as per-warp partials, summed afterwards
 (deterministic, no atomics).
+
+Small batch (too few programs to fill the GPU): the state recurrence is affine in the state, S_out = A S_in + Z
+over any run of steps, and so is the backward's adjoint carry. The sequence is then cut into chunks: one pass
+computes every chunk's (A, Z) from zero, a short sequential combine gives every chunk its entry state (in training:
+the checkpoints), and the chunks run in parallel; the backward does the same over segments of windows with the
+adjoint carry.
 """
 import triton
 import triton.language as tl
@@ -132,6 +138,16 @@ def _channels(pid, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _block(pid, E, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr, EVEN: tl.constexpr):
+    """Channels of block pid (see _channels) and their mask (constant when E % BD == 0: EVEN)."""
+    offs_d = _channels(pid, BD, R, W)
+    if EVEN:
+        return offs_d, tl.full([BD], 1, tl.int1)
+    else:
+        return offs_d, offs_d < E
+
+
+@triton.jit
 def _priv_off(offs_n, BD: tl.constexpr):
     """Offsets of a program-private [N, BD] fp32 block (checkpoints, scratch), with no contiguous run along the
     channels so that coalescing keeps the compute layout (each row is still one dense run of BD words)."""
@@ -189,16 +205,18 @@ def _scan_fwd_kernel(
         N: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr, CK: tl.constexpr,
         REC_W: tl.constexpr, PADT: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
-        PREFETCH: tl.constexpr, EVEN: tl.constexpr, CHUNKED: tl.constexpr):
+        PREFETCH: tl.constexpr, EVEN: tl.constexpr, CHUNKED: tl.constexpr, WIN: tl.constexpr):
     """One program: batch element b, channels [pid*BD, pid*BD + BD), one direction or both interleaved, over all
     tokens or (CHUNKED) over the tokens [c0, c1) of chunk program_id(2), starting from the chunk's entry states
-    (`_scan_combine_kernel`'s output in h0_ptr).
+    (`_scan_combine_kernel`'s output in h0_ptr). With WIN (training, both directions) the entry states are those
+    of the checkpoint windows (TC is a multiple of CK): the forward direction enters at a window start, the
+    backward one runs from the start of its window up to token c1 first.
 
     Both directions: step i advances the forward scan at token c0 + i and the backward scan at token c1-1-i.
     While the two have not met, each writes its ungated y into `out` as a partial; once past the middle, each step
     reads the other direction's partial back, gates the sum and writes the final value (same thread, same
-    address: no barrier needed). out / y_pre are contiguous (B, L, E). SAVE (never with CHUNKED) also writes the
-    state entering every window of CK steps (checkpoints) and y_pre.
+    address: no barrier needed). out / y_pre are contiguous (B, L, E). SAVE also writes y_pre and, unless CHUNKED
+    (then the combine writes them), the state entering every window of CK steps (checkpoints).
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
@@ -215,9 +233,16 @@ def _scan_fwd_kernel(
     if CHUNKED:
         c0 = tl.program_id(2) * TC
         c1 = tl.minimum(c0 + TC, L)
+        if WIN:
+            ja = c0 // CK
+            jb = (L - c1) // CK
+        else:
+            ja = tl.program_id(2)
+            jb = ja
         # chunk entry states: slot 1 of [ndir, B, NCH, 2, N, EP] (see _scan_chunk_kernel)
-        h0_a = h0_ptr + ((b * NCH + tl.program_id(2)) * 2 + 1) * (N * EP) + offs_n[:, None] * EP + offs_d[None, :]
-        h0_b = h0_a + B * NCH * (2 * N * EP)
+        h0_n = offs_n[:, None] * EP + offs_d[None, :]
+        h0_a = h0_ptr + ((b * NCH + ja) * 2 + 1) * (N * EP) + h0_n
+        h0_b = h0_ptr + (((B + b) * NCH + jb) * 2 + 1) * (N * EP) + h0_n
     else:
         c0 = 0
         c1 = L
@@ -249,6 +274,13 @@ def _scan_fwd_kernel(
         ck_b = ck_ptr + (B + b) * NCK * CKS
         if CHUNKED:
             Sb = _load_own(h0_b, FAST)
+            if WIN:
+                # from the start of the backward direction's window (token L-1-jb CK) to token c1, exclusive
+                for u in range(0, (L - c1) - jb * CK):
+                    tw = L - 1 - jb * CK - u
+                    kw, _, kmw, kappa_w = _load_rec(rec_b, tw, offs_n, N, REC_W)
+                    _, rden_w, eps_w = _coefs(_ld(dtb_b, tw, sdtb_t, L, dmask), bias_b, kappa_w, FAST)
+                    Sb = _advance(Sb, _ld(xb_b, tw, sxb_t, L, dmask), eps_w, rden_w, kw, kmw)
         else:
             Sb = tl.zeros([N, BD], tl.float32)
         TB0 = c0 + c1 - 1      # step i: forward token i, backward token TB0 - i
@@ -264,9 +296,10 @@ def _scan_fwd_kernel(
         dtb2 = _ldc(dtb_b, TB0 - c0 - 1, sdtb_t, L, dmask, EVEN)
         for w0 in range(c0, c1, CK):
             if SAVE:
-                if w0 > 0:
-                    _store_own(ck_a + (w0 // CK - 1) * CKS + ck_off, Sa, FAST)
-                    _store_own(ck_b + (w0 // CK - 1) * CKS + ck_off, Sb, FAST)
+                if not CHUNKED:     # chunked: the combine wrote the checkpoints
+                    if w0 > 0:
+                        _store_own(ck_a + (w0 // CK - 1) * CKS + ck_off, Sa, FAST)
+                        _store_own(ck_b + (w0 // CK - 1) * CKS + ck_off, Sb, FAST)
             for i in range(w0, tl.minimum(w0 + CK, c1)):
                 tf = i
                 tb = TB0 - i
@@ -377,19 +410,17 @@ def _scan_chunk_kernel(
         L, E, EP, B, TC, NCH,
         N: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr, REC_W: tl.constexpr,
         PADT: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, FAST: tl.constexpr,
-        PREFETCH: tl.constexpr, EVEN: tl.constexpr):
-    """Pass 1 of the chunked forward (for too few programs to fill the GPU: small batch, long sequences). For the
-    tokens [c0, c1) of chunk program_id(2) and each direction, the chunk's affine map of the state,
-    S_out = A * S_in + Z, with A the product of the decays f and Z the state reached from zero. Written to
-    sum[ndir, B, NCH, 2, N, EP] (slot 0: A, slot 1: Z; EP >= E a multiple of every block size)."""
+        PREFETCH: tl.constexpr, EVEN: tl.constexpr, WIN: tl.constexpr):
+    """Pass 1 of the chunked forward (for too few programs to fill the GPU: small batch, long sequences). For chunk
+    c = program_id(2) of each direction, the chunk's affine map of the state, S_out = A * S_in + Z, with A the
+    product of the decays f and Z the state reached from zero. Written to sum[ndir, B, NCH, 2, N, EP] (slot 0: A,
+    slot 1: Z; EP >= E a multiple of every block size). Chunk c is the tokens [c0, c1) = [c TC, c TC + TC) for
+    every direction (inference), or, with WIN, steps [c0, c1) of each direction's own scan order (checkpoint
+    windows of the training forward: the backward direction's step s is token L-1-s)."""
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
     c = tl.program_id(2)
-    offs_d = _channels(pid_d, BD, R, W)
-    if EVEN:
-        dmask = tl.full([BD], 1, tl.int1)
-    else:
-        dmask = offs_d < E
+    offs_d, dmask = _block(pid_d, E, BD, R, W, EVEN)
     offs_n = tl.arange(0, N)
     CKS = N * EP
     c0 = c * TC
@@ -397,8 +428,12 @@ def _scan_chunk_kernel(
     out_a = sum_ptr + (b * NCH + c) * (2 * CKS) + offs_n[:, None] * EP + offs_d[None, :]
     LP = L + 2 * PADT
     lane2 = tl.arange(0, 32) * (REC_W // 32)
+    if WIN:
+        tr0 = L - 1 - c0       # first token of a direction walking backwards
+    else:
+        tr0 = c1 - 1
     if REVERSE:
-        ta0 = c1 - 1
+        ta0 = tr0
         da = -1
     else:
         ta0 = c0
@@ -418,8 +453,8 @@ def _scan_chunk_kernel(
         rec_b = rec_ptr + ((B + b) * LP + PADT) * REC_W
         Sb = tl.zeros([N, BD], tl.float32)
         Ab = tl.full([N, BD], 1.0, tl.float32)
-        xb1 = _ldc(xb_b, c1 - 1, sxb_t, L, dmask, EVEN)
-        dtb1 = _ldc(dtb_b, c1 - 1, sdtb_t, L, dmask, EVEN)
+        xb1 = _ldc(xb_b, tr0, sxb_t, L, dmask, EVEN)
+        dtb1 = _ldc(dtb_b, tr0, sdtb_t, L, dmask, EVEN)
     for i in range(0, c1 - c0):
         ta = ta0 + da * i
         xa = xa1
@@ -434,7 +469,7 @@ def _scan_chunk_kernel(
         Sa = fa * Sa + (eps_a * xa)[None, :] * ka[:, None]
         Aa = fa * Aa
         if BIDIR:
-            tb = c1 - 1 - i
+            tb = tr0 - i
             xb = xb1
             dtb = dtb1
             xb1 = _ldc(xb_b, tb - 1, sxb_t, L, dmask, EVEN)
@@ -455,17 +490,35 @@ def _scan_chunk_kernel(
 
 
 @triton.jit
-def _scan_combine_kernel(sum_ptr, NCH, CKS, BLK: tl.constexpr, U: tl.constexpr, REVERSE: tl.constexpr):
-    """Pass 2 of the chunked forward: the state entering every chunk, sequentially over the chunks in scan order
-    (entering the first: zero; entering the next: A * S_in + Z), written over Z. Direction 1 (and a reversed
-    single direction) walks the chunks from the last. The loads of U chunks are issued together (the walk is
-    latency-bound). Grid: (state blocks, B, ndir)."""
+def _scan_combine_kernel(sum_ptr, ck_ptr, NCH, EP, E, N: tl.constexpr, BLK: tl.constexpr, U: tl.constexpr,
+                         BACK0: tl.constexpr, BACK1: tl.constexpr, CKOUT: tl.constexpr, BDF: tl.constexpr,
+                         RF: tl.constexpr, WF: tl.constexpr):
+    """Pass 2 of a chunked scan: the state entering every chunk, sequentially over the chunks in scan order
+    (entering the first: zero; entering the next: A * S_in + Z), written over Z. Direction 0 / 1 walks the chunks
+    from the last if BACK0 / BACK1 (inference: the backward direction's chunks are in token order; the adjoint
+    carry of the backward runs against the scan). The loads of U chunks are issued together (the walk is
+    latency-bound). With CKOUT (checkpoint windows of the training forward), the entry state of chunk c >= 1 is
+    also written as checkpoint c - 1 in the forward's private block layout (BDF, RF, WF: its launch).
+    Grid: (state blocks, B, ndir)."""
+    CKS = N * EP
     e = tl.program_id(0) * BLK + tl.arange(0, BLK)
     m = e < CKS
     b = tl.program_id(1)
     d = tl.program_id(2)
-    base = sum_ptr + (d * tl.num_programs(1) + b) * NCH * (2 * CKS) + e
-    back = (d == 1) | REVERSE
+    nb = tl.num_programs(1)
+    base = sum_ptr + (d * nb + b) * NCH * (2 * CKS) + e
+    if d == 0:
+        back = BACK0
+    else:
+        back = BACK1
+    if CKOUT:
+        # element e = (n, channel) -> the forward's checkpoint offset (see _channels, _priv_off)
+        n = e // EP
+        ch = e - n * EP
+        cf = ch % BDF
+        j = (cf % RF) * (32 * WF) + cf // RF
+        ck_b = (ck_ptr + (d * nb + b) * (NCH - 1) * CKS + (ch // BDF) * (N * BDF) + n * BDF
+                + (j % 2) * (BDF // 2) + j // 2)
     s = tl.zeros([BLK], tl.float32)
     for j0 in range(0, NCH, U):
         ps = ()
@@ -478,6 +531,8 @@ def _scan_combine_kernel(sum_ptr, NCH, CKS, BLK: tl.constexpr, U: tl.constexpr, 
         for u in tl.static_range(U):
             ok = j0 + u < NCH
             tl.store(ps[u] + CKS, s, mask=m & ok)
+            if CKOUT:
+                tl.store(ck_b + (j0 + u - 1) * CKS, s, mask=m & ok & (j0 + u > 0))
             s = az[2 * u] * s + az[2 * u + 1]
 
 
@@ -562,16 +617,79 @@ def _reduce_scatter(v, lane, M: tl.constexpr):
 
 
 @triton.jit
+def _walk(dr, BIDIR: tl.constexpr, REVERSE: tl.constexpr):
+    """(rev, gscale) of direction dr in the backward: 1 if it walks the tokens from the last, and the factor of
+    the output gradient (two directions are averaged)."""
+    if BIDIR:
+        return dr, 0.5
+    elif REVERSE:
+        return 1, 1.0
+    else:
+        return 0, 1.0
+
+
+@triton.jit
+def _adjoint_chunk_kernel(
+        g_ptr, z_ptr, dta_ptr, dtb_ptr, rec_ptr, sum_ptr, bias_a_ptr, bias_b_ptr,
+        sg_b, sg_t, sz_b, sz_t, sdta_b, sdta_t, sdtb_b, sdtb_t,
+        L, E, EP, B, TC, NCH,
+        N: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr, REC_W: tl.constexpr,
+        PADT: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, HAS_Z: tl.constexpr, FAST: tl.constexpr,
+        EVEN: tl.constexpr):
+    """Pass 1 of the segmented backward (small batch): the backward carries C_s = f_s H_s against the scan order,
+    C_s = f_s (g_s q_s + C_{s+1}), an affine recurrence like the state's. For the steps [c0, c1) of segment c of
+    direction dr (program_id(2) = dr NCH + c), its map C_out = A C_in + Z (A: the product of the decays, Z: the
+    carry reached from zero) into sum[ndir, B, NCH, 2, N, EP], as _scan_chunk_kernel does for the state."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1)
+    dr = tl.program_id(2) // NCH
+    c = tl.program_id(2) % NCH
+    offs_d, dmask = _block(pid_d, E, BD, R, W, EVEN)
+    offs_n = tl.arange(0, N)
+    c0 = c * TC
+    c1 = tl.minimum(c0 + TC, L)
+    if dr == 0:
+        dt_b = dta_ptr + b * sdta_b + offs_d
+        sdt_t = sdta_t
+        bias = tl.load(bias_a_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    else:
+        dt_b = dtb_ptr + b * sdtb_b + offs_d
+        sdt_t = sdtb_t
+        bias = tl.load(bias_b_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    rev, gscale = _walk(dr, BIDIR, REVERSE)
+    g_b = g_ptr + b * sg_b + offs_d
+    z_b = z_ptr + b * sz_b + offs_d
+    rec_b = rec_ptr + ((dr * B + b) * (L + 2 * PADT) + PADT) * REC_W
+    C = tl.zeros([N, BD], tl.float32)
+    A = tl.full([N, BD], 1.0, tl.float32)
+    for i in range(0, c1 - c0):
+        s = c1 - 1 - i
+        t = s + rev * (L - 1 - 2 * s)
+        k, q, km, kappa = _load_rec(rec_b, t, offs_n, N, REC_W)
+        _, rden, eps = _coefs(_ld(dt_b, t, sdt_t, L, dmask), bias, kappa, FAST)
+        g = _ld(g_b, t, sg_t, L, dmask) * gscale
+        if HAS_Z:
+            zz = _ld(z_b, t, sz_t, L, dmask)
+            g = g * zz * _sigmoid(zz, FAST)
+        f = _decay(eps, rden, km)
+        C = f * (C + g[None, :] * q[:, None])
+        A = f * A
+    out = sum_ptr + ((dr * B + b) * NCH + c) * (2 * N * EP) + offs_n[:, None] * EP + offs_d[None, :]
+    _store_own(out, A, FAST)
+    _store_own(out + N * EP, C, FAST)
+
+
+@triton.jit
 def _scan_bwd_kernel(
         g_ptr, z_ptr, ypre_ptr, rec_ptr, ck_ptr, scr_ptr,
         xa_ptr, dta_ptr, xb_ptr, dtb_ptr, bias_a_ptr, bias_b_ptr, Da_ptr, Db_ptr,
         dxa_ptr, ddta_ptr, dxb_ptr, ddtb_ptr, dz_ptr, dkq_ptr, dpar_ptr,
         sg_b, sg_t, sz_b, sz_t, sxa_b, sxa_t, sdta_b, sdta_t, sxb_b, sxb_t, sdtb_b, sdtb_t,
-        L, E, B, NCK, NBLKF,
+        L, E, B, NCK, NBLKF, csum_ptr, NSEG, SW, EP,
         N: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, CK: tl.constexpr,
         TT: tl.constexpr, REC_W: tl.constexpr, PADT: tl.constexpr, BDF: tl.constexpr, RF: tl.constexpr,
         WF: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, HAS_D: tl.constexpr,
-        HAS_Z: tl.constexpr, FAST: tl.constexpr, SCATTER: tl.constexpr):
+        HAS_Z: tl.constexpr, FAST: tl.constexpr, SCATTER: tl.constexpr, SEG: tl.constexpr):
     """Exact backward of one direction per program (grid axis 2 = direction), one channel per thread.
 
     g_t = dLoss/dout_t * silu(z_t) (halved for two directions); adjoint H_t = g_t q_t + f_{t+1} H_{t+1}.
@@ -581,10 +699,17 @@ def _scan_bwd_kernel(
          back carrying the adjoint: dx, ddt, dz (direction 0), dk and dq (one reduce-scatter of their 2N
          per-channel terms over the warp), and the dbias, dD sums.
     Writes dx, ddt (dense, contiguous), dz, per-warp partials of dk, dq [.., L, 2N] and of dbias, dD [.., 2, E].
+    SEG (small batch): program_id(2) = dr NSEG + seg, and the program takes only the SW windows of segment seg,
+    starting from the adjoint carry that enters it (`_adjoint_chunk_kernel`, then the combine, in csum_ptr);
+    dbias, dD partials per segment.
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
-    dr = tl.program_id(2)
+    if SEG:
+        dr = tl.program_id(2) // NSEG
+        seg = tl.program_id(2) % NSEG
+    else:
+        dr = tl.program_id(2)
     nblk = tl.num_programs(0)
     loc = tl.arange(0, BD)
     offs_d = pid_d * BD + loc
@@ -610,15 +735,7 @@ def _scan_bwd_kernel(
             Dp = tl.load(Da_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
         else:
             Dp = tl.load(Db_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    if BIDIR:
-        rev = dr
-        gscale = 0.5
-    elif REVERSE:
-        rev = 1
-        gscale = 1.0
-    else:
-        rev = 0
-        gscale = 1.0
+    rev, gscale = _walk(dr, BIDIR, REVERSE)
     g_b = g_ptr + b * sg_b + offs_d
     z_b = z_ptr + b * sz_b + offs_d
     ypre_b = ypre_ptr + b * L * E + offs_d
@@ -651,17 +768,32 @@ def _scan_bwd_kernel(
         hi4 = 0
     lane_rec = (loc % 32) * (REC_W // 32)       # one 8-byte slice of a record row per lane (L1 prefetches)
     NTILE: tl.constexpr = CK // TT
-    scr_b = scr_ptr + ((dr * B + b) * nblk + pid_d) * (NTILE * N * BD) + loc
+    if SEG:
+        scr_b = scr_ptr + (((dr * B + b) * NSEG + seg) * nblk + pid_d) * (NTILE * N * BD) + loc
+    else:
+        scr_b = scr_ptr + ((dr * B + b) * nblk + pid_d) * (NTILE * N * BD) + loc
 
     zero = tl.zeros([BD], tl.float32)
     Wc = ()                                   # f_{s+1} * H_{s+1}, carried against the scan order
-    for n in tl.static_range(N):
-        Wc = Wc + (zero,)
+    if SEG:
+        # the carry entering the segment from the right (slot 1 of csum[ndir, B, NSEG, 2, N, EP])
+        cs_b = csum_ptr + (((dr * B + b) * NSEG + seg) * 2 + 1) * (N * EP) + offs_d
+        for n in tl.static_range(N):
+            Wc = Wc + (tl.load(cs_b + (n ^ hi4) * EP, mask=dmask, other=0.0),)
+    else:
+        for n in tl.static_range(N):
+            Wc = Wc + (zero,)
     acc_db = zero
     acc_dD = zero
     NW = (L + CK - 1) // CK
-    for wi in range(NW):
-        w = NW - 1 - wi
+    if SEG:
+        w_hi = tl.minimum(seg * SW + SW, NW)
+        nwin = w_hi - seg * SW
+    else:
+        w_hi = NW
+        nwin = NW
+    for wi in range(nwin):
+        w = w_hi - 1 - wi
         s0 = w * CK
         ntile = (tl.minimum(CK, L - s0) + TT - 1) // TT
         # 1. sweep the window from its checkpoint, storing each tile's start state; x and dt one tile ahead
@@ -828,7 +960,10 @@ def _scan_bwd_kernel(
                 acc_db += tl.where(m, ddt, 0.0)
                 tl.store(dx_b + t * E, dx.to(dxa_ptr.dtype.element_ty), mask=m)
                 tl.store(ddt_b + t * E, ddt.to(ddta_ptr.dtype.element_ty), mask=m)
-    dpar_b = dpar_ptr + (dr * B + b) * 2 * E + offs_d
+    if SEG:
+        dpar_b = dpar_ptr + ((dr * B + b) * NSEG + seg) * 2 * E + offs_d
+    else:
+        dpar_b = dpar_ptr + (dr * B + b) * 2 * E + offs_d
     tl.store(dpar_b, acc_db, mask=dmask)
     if HAS_D:
         tl.store(dpar_b + E, acc_dD, mask=dmask)

@@ -130,6 +130,11 @@ SCAN_CASES = [
 
 @pytest.mark.parametrize("B,L,E,N,dtype,reverse,strided,strong,has_D,has_z", SCAN_CASES)
 def test_longhorn_scan(config, B, L, E, N, dtype, reverse, strided, strong, has_D, has_z):
+    _check_single(B, L, E, N, dtype, reverse, strided, strong, has_D, has_z)
+
+
+def _check_single(B, L, E, N, dtype, reverse, strided, strong, has_D, has_z):
+    """One direction: output and every gradient against the float64 reference."""
     inputs, leaves = _scan_inputs(B, L, E, N, dtype, strided, strong, has_D, has_z)
     y = longhorn_scan_triton(**inputs, reverse=reverse)
     assert y.dtype == dtype and y.shape == (B, L, E)
@@ -159,6 +164,11 @@ BIDIR_CASES = [
 
 @pytest.mark.parametrize("B,L,E,dtype,strided,strong,has_D,has_z", BIDIR_CASES)
 def test_bidirectional_longhorn_scan(config, B, L, E, dtype, strided, strong, has_D, has_z):
+    _check_bidir(B, L, E, dtype, strided, strong, has_D, has_z)
+
+
+def _check_bidir(B, L, E, dtype, strided, strong, has_D, has_z):
+    """Both directions in one op: output and every gradient against the float64 reference."""
     N = 16
     fwd, leaves_f = _scan_inputs(B, L, E, N, dtype, strided, strong, has_D, has_z, seed=1)
     bwd, leaves_b = _scan_inputs(B, L, E, N, dtype, strided, strong, has_D, False, seed=2)
@@ -214,7 +224,8 @@ def test_chunked_inference_forward(config, B, L, E, bidir, reverse, strong, dtyp
     """Without grad, few programs take the two-level scan (chunk summaries, entry states, chunks from their entry
     state); it must give the reference's output, and the sequential kernel's up to rounding."""
     from vlonghorn.kernels.interface import _chunk_len
-    config.update(cfg, fwd_chunk=tc)
+    config.update(SMALL_CFG if tc else {}, fwd_chunk=tc)
+    config.update(cfg)
     fwd, _ = _scan_inputs(B, L, E, 16, dtype, strong=strong, seed=5)
     x = fwd["x"]
     assert _chunk_len(x, B, L, -(-E // config["fwd_bd"])) < L, "this case should run chunked"
@@ -236,6 +247,37 @@ def test_chunked_inference_forward(config, B, L, E, bidir, reverse, strong, dtyp
     assert y.dtype == dtype and y.shape == (B, L, E)
     _check("y (chunked)", y, y_ref, dtype)
     _check("y (chunked) vs sequential kernel", y, y_seq.double(), dtype)
+
+
+TRAIN_CHUNK_CASES = [
+    # B, L, E, bidir, reverse, strided, strong, dtype, tokens per chunk, windows per backward segment
+    # (0: the GPU's own choice); on the interpreter ck = 16, so chunks round up to whole windows of 16 tokens
+    pytest.param(2, 37, 40, True, False, False, False, torch.float32, 5, 1, id="bidir-seg1"),
+    pytest.param(1, 50, 40, True, False, False, True, torch.float32, 20, 2, id="bidir-strong-seg2"),
+    pytest.param(2, 33, 72, True, False, True, False, torch.bfloat16, 16, 1, id="bidir-bf16-strided"),
+    pytest.param(2, 37, 40, False, True, False, False, torch.float32, 5, 1, id="reverse-seg1"),
+    pytest.param(1, 40, 33, False, False, True, True, torch.bfloat16, 5, 2, id="single-bf16-strong-seg2"),
+    pytest.param(1, 3000, 768, True, False, True, True, torch.bfloat16, 0, 0, id="large-auto", marks=needs_cuda),
+    pytest.param(2, 1500, 200, False, True, False, False, torch.float32, 0, 0, id="large-auto-reverse",
+                 marks=needs_cuda),
+]
+
+
+@pytest.mark.parametrize("B,L,E,bidir,reverse,strided,strong,dtype,tc,sw", TRAIN_CHUNK_CASES)
+def test_chunked_training(config, B, L, E, bidir, reverse, strided, strong, dtype, tc, sw):
+    """Few programs with grad: the training forward of both directions runs chunked (checkpoints from a combine
+    over the windows), and the backward in segments of windows, each from its adjoint carry (one direction too)."""
+    from vlonghorn.kernels.interface import _chunk_len, _seg_windows
+    config.update(SMALL_CFG if tc else {}, fwd_chunk=tc, bwd_seg=sw)      # small cases: windows of 16 on the GPU too
+    x = torch.empty(0, device=DEV)
+    nw = -(-L // config["ck"])
+    assert _seg_windows(x, B * -(-E // config["bwd_bd"]) * (2 if bidir else 1), nw) < nw, "should be segmented"
+    if bidir:
+        ck = config["ck"]       # training chunks are whole checkpoint windows
+        assert -(-_chunk_len(x, B, L, -(-E // config["fwd_bd"])) // ck) * ck < L, "should run chunked"
+        _check_bidir(B, L, E, dtype, strided, strong, True, True)
+    else:
+        _check_single(B, L, E, 16, dtype, reverse, strided, strong, True, True)
 
 
 def test_inference_saves_nothing(config):
