@@ -5,8 +5,10 @@
 Shapes: B=128, E=768 (d_inner of vlonghorn_small), N=16, both scan directions, bf16 inputs. For each kernel
 and L it prints the median time (triton.testing.do_bench, L2 flushed between runs), the floor from
 kernels.md section 4 (max of bytes / measured copy bandwidth and fp32 instructions / measured FMA issue rate,
-both measured in this run), the ratio to the floor, the target where one exists, and the PyTorch path.
-Writes kernels_<device>.json and kernels_<device>.md into --out (default benchmarks/results).
+both measured in this run), the ratio to the floor, the target where one exists, and the PyTorch path. Then,
+at small batch and long sequences (SMALL_BATCH), the chunked forward and segmented backward that the launcher
+chooses there against the sequential kernels. Writes kernels_<device>.json and kernels_<device>.md into --out
+(default benchmarks/results).
 """
 import argparse
 import datetime
@@ -380,9 +382,11 @@ def main():
                      f"{'' if tgt is None else f'{tgt:.0f}'} | {'' if tt is None else f'{tt:.1f}'} | "
                      f"{'' if tt is None else f'{tt / t:.1f}x'} |")
     lines += ["", "Small batch, long sequences (both directions): the chunked forward and segmented backward (chosen "
-              "from the GPU's size) vs the sequential kernels. Inference forward, and forward+backward (autograd):", "",
-              "| B | L | tokens per chunk | windows per segment | fwd chunked us | sequential us | speed-up | x floor | "
-              "fwd+bwd chunked us | sequential us | speed-up | x floor | max diff / max |", "|" + "---|" * 13]
+              "from the GPU's size) vs the sequential kernels. Inference forward, and forward+backward (autograd):",
+              "",
+              "| B | L | tokens per chunk | windows per segment | fwd chunked us | sequential us | speed-up | "
+              "x floor | fwd+bwd chunked us | sequential us | speed-up | x floor | max diff / max |",
+              "|" + "---|" * 13]
     for key, r in result["small_batch"].items():
         b_, L = (int(v) for v in key[1:].split("-L"))
         lines.append(f"| {b_} | {L} | {r['tokens_per_chunk']} | {r['windows_per_segment']} | {r['chunked']:.1f} | "

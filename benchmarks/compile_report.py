@@ -25,7 +25,8 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels import interface  # noqa: E402
 from kernels.conv import _conv_bwd_kernel, _conv_fwd_kernel  # noqa: E402
-from kernels.scan import PAD, REC, _adjoint_chunk_kernel, _scan_bwd_kernel, _scan_chunk_kernel, _scan_fwd_kernel  # noqa: E402,E501
+from kernels.scan import (PAD, REC, _adjoint_chunk_kernel, _scan_bwd_kernel, _scan_chunk_kernel,  # noqa: E402
+                          _scan_fwd_kernel)
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
