@@ -142,6 +142,8 @@ def _scan_fwd_impl(xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, 
     zz = z if z is not None else xa
     common = dict(N=N, BD=bd, R=_per_thread(bd, warps), W=warps, REC_W=REC, PADT=PAD, BIDIR=bidir,
                   REVERSE=bool(reverse), FAST=_FAST, PREFETCH=CONFIG["fwd_prefetch"] and _FAST, EVEN=E % bd == 0)
+    # (the training forward chunks both directions only: its window entry for a single reversed direction is not
+    # written; a single direction with grad runs sequentially, its backward is still segmented)
     tc = _chunk_len(xa, B, L, nblk) if (bidir or not save) else L
     if save and tc < L:
         tc = triton.cdiv(tc, ck_every) * ck_every     # training: chunks of whole checkpoint windows

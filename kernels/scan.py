@@ -139,7 +139,8 @@ def _channels(pid, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _block(pid, E, BD: tl.constexpr, R: tl.constexpr, W: tl.constexpr, EVEN: tl.constexpr):
-    """Channels of block pid (see _channels) and their mask (constant when E % BD == 0: EVEN)."""
+    """Channels of block pid (see _channels) and their mask (constant when E % BD == 0: EVEN, so that the masks
+    fold away)."""
     offs_d = _channels(pid, BD, R, W)
     if EVEN:
         return offs_d, tl.full([BD], 1, tl.int1)
@@ -153,6 +154,15 @@ def _priv_off(offs_n, BD: tl.constexpr):
     channels so that coalescing keeps the compute layout (each row is still one dense run of BD words)."""
     i = tl.arange(0, BD)
     return offs_n[:, None] * BD + ((i % 2) * (BD // 2) + i // 2)[None, :]
+
+
+@triton.jit
+def _ck_col(ch, N: tl.constexpr, BDF: tl.constexpr, RF: tl.constexpr, WF: tl.constexpr):
+    """Offset of channel ch's row-0 entry in a checkpoint of the forward (blocks of BDF channels launched with RF
+    channels per thread over WF warps, in the layouts of _channels and _priv_off); row n is n * BDF further."""
+    cf = ch % BDF
+    j = (cf % RF) * (32 * WF) + cf // RF
+    return (ch // BDF) * (N * BDF) + ((j % 2) * (BDF // 2) + j // 2)
 
 
 @triton.jit
@@ -220,11 +230,7 @@ def _scan_fwd_kernel(
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
-    offs_d = _channels(pid_d, BD, R, W)
-    if EVEN:
-        dmask = tl.full([BD], 1, tl.int1)      # E % BD == 0: constant masks fold away
-    else:
-        dmask = offs_d < E
+    offs_d, dmask = _block(pid_d, E, BD, R, W, EVEN)
     offs_n = tl.arange(0, N)
     nblk = tl.num_programs(0)
     # checkpoints: [ndir, B, NCK, nblk, N * BD], each block in the private layout of _priv_off
@@ -404,6 +410,14 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _summary_step(S, A, x, dt, bias, k, km, kappa, FAST: tl.constexpr):
+    """One step of a chunk's affine map: S from zero (as _advance) and A, the product of the decays."""
+    _, rden, eps = _coefs(dt, bias, kappa, FAST)
+    f = _decay(eps, rden, km)
+    return f * S + (eps * x)[None, :] * k[:, None], f * A
+
+
+@triton.jit
 def _scan_chunk_kernel(
         xa_ptr, dta_ptr, xb_ptr, dtb_ptr, rec_ptr, sum_ptr, bias_a_ptr, bias_b_ptr,
         sxa_b, sxa_t, sdta_b, sdta_t, sxb_b, sxb_t, sdtb_b, sdtb_t,
@@ -464,10 +478,7 @@ def _scan_chunk_kernel(
         ka, _, kma, kappa_a = _load_rec(rec_a, ta, offs_n, N, REC_W)
         if PREFETCH:
             _prefetch(rec_a + (ta + da) * REC_W + lane2, FAST)
-        _, rden_a, eps_a = _coefs(dta, bias_a, kappa_a, FAST)
-        fa = _decay(eps_a, rden_a, kma)
-        Sa = fa * Sa + (eps_a * xa)[None, :] * ka[:, None]
-        Aa = fa * Aa
+        Sa, Aa = _summary_step(Sa, Aa, xa, dta, bias_a, ka, kma, kappa_a, FAST)
         if BIDIR:
             tb = tr0 - i
             xb = xb1
@@ -477,10 +488,7 @@ def _scan_chunk_kernel(
             kb, _, kmb, kappa_b = _load_rec(rec_b, tb, offs_n, N, REC_W)
             if PREFETCH:
                 _prefetch(rec_b + (tb - 1) * REC_W + lane2, FAST)
-            _, rden_b, eps_b = _coefs(dtb, bias_b, kappa_b, FAST)
-            fb = _decay(eps_b, rden_b, kmb)
-            Sb = fb * Sb + (eps_b * xb)[None, :] * kb[:, None]
-            Ab = fb * Ab
+            Sb, Ab = _summary_step(Sb, Ab, xb, dtb, bias_b, kb, kmb, kappa_b, FAST)
     _store_own(out_a, Aa, FAST)
     _store_own(out_a + CKS, Sa, FAST)
     if BIDIR:
@@ -512,13 +520,9 @@ def _scan_combine_kernel(sum_ptr, ck_ptr, NCH, EP, E, N: tl.constexpr, BLK: tl.c
     else:
         back = BACK1
     if CKOUT:
-        # element e = (n, channel) -> the forward's checkpoint offset (see _channels, _priv_off)
+        # element e = (n, channel) -> the forward's checkpoint offset
         n = e // EP
-        ch = e - n * EP
-        cf = ch % BDF
-        j = (cf % RF) * (32 * WF) + cf // RF
-        ck_b = (ck_ptr + (d * nb + b) * (NCH - 1) * CKS + (ch // BDF) * (N * BDF) + n * BDF
-                + (j % 2) * (BDF // 2) + j // 2)
+        ck_b = ck_ptr + (d * nb + b) * (NCH - 1) * CKS + _ck_col(e - n * EP, N, BDF, RF, WF) + n * BDF
     s = tl.zeros([BLK], tl.float32)
     for j0 in range(0, NCH, U):
         ps = ()
@@ -743,7 +747,8 @@ def _scan_bwd_kernel(
     rec_b = rec_ptr + ((dr * B + b) * (L + 2 * PADT) + PADT) * REC_W
     CKS = NBLKF * (N * BDF)
     ck_b = ck_ptr + (dr * B + b) * NCK * CKS
-    # the forward wrote its checkpoints in its own blocks of BDF channels (see _channels / _priv_off)
+    # the forward wrote its checkpoints in its own blocks of BDF channels: _ck_col's mapping, written out here
+    # because the helper call alone (its inlining labels in the PTX) changes ptxas's schedule of this kernel
     cf = offs_d % BDF
     j = (cf % RF) * (32 * WF) + cf // RF
     ck_col = (offs_d // BDF) * (N * BDF) + ((j % 2) * (BDF // 2) + j // 2)
