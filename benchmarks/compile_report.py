@@ -106,8 +106,6 @@ def main():
                                 "bias_a_ptr", "bias_b_ptr", "Da_ptr", "Db_ptr", "dw_ptr")}
     common = dict(N=16, REC_W=REC, PADT=PAD, HAS_D=True, HAS_Z=True, FAST=True, WIN=False, SEG=False)
     rf = cfg["fwd_bd"] // (32 * cfg["fwd_warps"])
-    rs = cfg["bwd_rows"]
-    fb = max(16 // rs // 4, 1).bit_length() - 1
     jobs = [
         ("scan_fwd_infer", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"], CK=cfg["ck"],
                                                    BIDIR=True, REVERSE=False, SAVE=False,
@@ -132,13 +130,12 @@ def main():
          cfg["fwd_warps"]),
         ("scan_bwd", _scan_bwd_kernel, dict(common, BD=cfg["bwd_bd"], W=cfg["bwd_warps"], CK=cfg["ck"],
                                             TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
-                                            BIDIR=True, REVERSE=False, SCATTER=True, RS=rs, FB=fb),
-         rs * cfg["bwd_warps"]),
+                                            BIDIR=True, REVERSE=False, SCATTER=True),
+         cfg["bwd_warps"]),
         ("scan_bwd_seg", _scan_bwd_kernel, dict(common, BD=cfg["bwd_bd"], W=cfg["bwd_warps"], CK=cfg["ck"],
                                                 TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
-                                                BIDIR=True, REVERSE=False, SCATTER=True, SEG=True, RS=rs,
-                                                FB=fb),
-         rs * cfg["bwd_warps"]),
+                                                BIDIR=True, REVERSE=False, SCATTER=True, SEG=True),
+         cfg["bwd_warps"]),
         ("scan_adjoint_chunk", _adjoint_chunk_kernel, dict(common, BD=cfg["chunk_bd"],
                                                            R=cfg["chunk_bd"] // (32 * cfg["chunk_warps"]),
                                                            W=cfg["chunk_warps"], BIDIR=True, REVERSE=False,

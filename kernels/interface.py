@@ -29,9 +29,6 @@ __all__ = ["longhorn_scan_triton", "bidirectional_longhorn_scan_triton", "bidire
 CONFIG = {
     "fwd_bd": 64, "fwd_warps": 1,
     "bwd_bd": 32, "bwd_warps": 1, "bwd_tt": 2, "ck": 64,
-    # bwd_rows: state-row groups per backward program (1, 2 or 4; each group of bwd_bd threads holds N / bwd_rows
-    # rows of its channels)
-    "bwd_rows": 1, "bwd_maxnreg": 0,
     "conv_bd": 128, "conv_warps": 1, "conv_ch": 64,
     # L1 prefetch of the next step's per-token records (GPU only): halves the forward on an H100 (613 -> 322 us
     # at B=128, L=197)
@@ -206,15 +203,7 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
     dxb = torch.empty(B, L, E, device=dev, dtype=xb.dtype) if bidir else dxa      # single: unused pointers
     ddtb = torch.empty(B, L, E, device=dev, dtype=dtb.dtype) if bidir else ddta
     dz = torch.empty(B, L, E, device=dev, dtype=z.dtype) if z is not None else None
-    rs = int(CONFIG["bwd_rows"])
-    if rs not in (1, 2, 4):
-        raise ValueError(f"backward launch config: bwd_rows must be 1, 2 or 4, got {rs}")
-    while rs > 1 and (N % rs or N // rs < 4):
-        rs //= 2     # groups of at least four rows
-    if not bidir and z is not None:
-        rs = 1       # one direction with z: its dz needs the output, a sum over all rows
-    nr = N // rs
-    scatter = _FAST and nr in (4, 8, 16)
+    scatter = _FAST and N == 16
     nparts = nblk * CONFIG["bwd_warps"] if scatter else nblk
     nw = triton.cdiv(L, ck_every)
     sw = _seg_windows(xa, B * nblk * ndir, nw)
@@ -253,8 +242,7 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
         REC_W=REC, PADT=PAD, BDF=bdf, RF=rf, WF=CONFIG["fwd_warps"],
         BIDIR=bidir, REVERSE=bool(reverse),
         HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter, SEG=nseg > 1,
-        RS=rs, FB=max(nr // 4, 1).bit_length() - 1, num_warps=rs * CONFIG["bwd_warps"],
-        **({"maxnreg": CONFIG["bwd_maxnreg"]} if CONFIG["bwd_maxnreg"] and _FAST else {}))
+        num_warps=CONFIG["bwd_warps"])
     res = []
     for i, (dx, ddt, bias, D) in enumerate(((dxa, ddta, bias_a, Da), (dxb, ddtb, bias_b, Db))[:ndir]):
         # deterministic sums of the per-block partials; every returned tensor is its own allocation

@@ -567,18 +567,16 @@ def _ld_row(p, N: tl.constexpr):
 
 
 @triton.jit
-def _rec_rows(rec_b, t, goff, NR: tl.constexpr, N: tl.constexpr, REC_W: tl.constexpr, NEED_Q: tl.constexpr,
-              FAST: tl.constexpr):
-    """NR rows of token t's record as tuples of NR values: k, q (if NEED_Q, else k again), kappa - k^2, and
-    kappa. Group g of four consecutive entries of each tuple comes from record offset goff[g] (NR >= 4): plain
-    numbers keep the natural order, per-lane offsets give each lane its own rows and its own order of the groups
-    (see the row split and the reduce-scatter of _scan_bwd_kernel); NR < 4 takes rows 0 .. NR-1 (NR = N)."""
+def _rec_rows(rec_b, t, goff, N: tl.constexpr, REC_W: tl.constexpr, NEED_Q: tl.constexpr, FAST: tl.constexpr):
+    """Token t's record as tuples of N values: k, q (if NEED_Q, else k again), kappa - k^2, and kappa. Group g
+    of four consecutive entries of each tuple comes from record offset goff[g] (N >= 4): plain numbers keep the
+    natural order, per-lane offsets give each lane its own order of the groups (see the reduce-scatter)."""
     p = rec_b + t * REC_W
-    if NR >= 4:
+    if N >= 4:
         k = ()
         km = ()
         q = ()
-        for g in tl.static_range(NR // 4):
+        for g in tl.static_range(N // 4):
             pg = p + goff[g]
             k = k + _ld4(pg, FAST)
             km = km + _ld4(pg + 2 * N, FAST)
@@ -612,31 +610,14 @@ def _bfly(x, M: tl.constexpr):
 
 
 @triton.jit
-def _reduce_scatter(v, lane, M: tl.constexpr, BIT: tl.constexpr):
-    """One level of a warp reduce-scatter over a tuple of 2M row vectors: lanes whose bit BIT (a power of two)
-    is set keep (and receive the partner's) upper half, the others the lower half; returns M rows."""
-    up = (lane & BIT) != 0
+def _reduce_scatter(v, lane, M: tl.constexpr):
+    """One level of a warp reduce-scatter over a tuple of 2M row vectors: lanes whose bit M is set keep (and
+    receive the partner's) upper half, the others the lower half; returns M rows."""
+    up = (lane & M) != 0
     out = ()
     for j in tl.static_range(M):
-        out = out + (tl.where(up, v[j + M], v[j]) + _bfly(tl.where(up, v[j], v[j + M]), BIT),)
+        out = out + (tl.where(up, v[j + M], v[j]) + _bfly(tl.where(up, v[j], v[j + M]), M),)
     return out
-
-
-@triton.jit
-def _add2(a0, b0, a1, b1):
-    return a0 + a1, b0 + b1
-
-
-@triton.jit
-def _group_sum(a, b, RS: tl.constexpr, BD: tl.constexpr):
-    """a and b ([RS BD], element i = channel i % BD of row group i // BD) summed over the RS row groups of each
-    channel, returned to every group (one exchange through shared memory for both)."""
-    if RS == 1:
-        return a, b
-    else:
-        sa, sb = tl.reduce((tl.reshape(a, [RS, BD]), tl.reshape(b, [RS, BD])), 0, _add2)
-        return (tl.reshape(tl.broadcast_to(sa[None, :], [RS, BD]), [RS * BD]),
-                tl.reshape(tl.broadcast_to(sb[None, :], [RS, BD]), [RS * BD]))
 
 
 @triton.jit
@@ -712,8 +693,7 @@ def _scan_bwd_kernel(
         N: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, CK: tl.constexpr,
         TT: tl.constexpr, REC_W: tl.constexpr, PADT: tl.constexpr, BDF: tl.constexpr, RF: tl.constexpr,
         WF: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, HAS_D: tl.constexpr,
-        HAS_Z: tl.constexpr, FAST: tl.constexpr, SCATTER: tl.constexpr, SEG: tl.constexpr, RS: tl.constexpr,
-        FB: tl.constexpr):
+        HAS_Z: tl.constexpr, FAST: tl.constexpr, SCATTER: tl.constexpr, SEG: tl.constexpr):
     """Exact backward of one direction per program (grid axis 2 = direction), one channel per thread.
 
     g_t = dLoss/dout_t * silu(z_t) (halved for two directions); adjoint H_t = g_t q_t + f_{t+1} H_{t+1}.
@@ -726,13 +706,6 @@ def _scan_bwd_kernel(
     SEG (small batch): program_id(2) = dr NSEG + seg, and the program takes only the SW windows of segment seg,
     starting from the adjoint carry that enters it (`_adjoint_chunk_kernel`, then the combine, in csum_ptr);
     dbias, dD partials per segment.
-    Row split RS: the program has RS groups of BD threads (RS W warps); group h holds state rows h NR .. h NR +
-    NR - 1 (NR = N / RS) of its BD channels, so a thread needs about 1 / RS of the registers. Everything that
-    couples the rows is a sum over them (dx = eps sum_n H k + D g; deps = sum_n H k (x - k S), which gives ddt
-    and the kappa term of dk): the groups exchange the two per-channel sums once per step (_group_sum), then
-    each computes its rows' dk, dq; the per-channel outputs are written by group 0. Every group loads the
-    per-channel inputs (the repeats hit L1) and does the per-channel arithmetic. Not for one direction with z
-    (its dz needs the sum q . S over all rows): RS = 1 there.
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
@@ -742,21 +715,9 @@ def _scan_bwd_kernel(
     else:
         dr = tl.program_id(2)
     nblk = tl.num_programs(0)
-    NR: tl.constexpr = N // RS
-    tl.static_assert(RS == 1 or (BIDIR or not HAS_Z))
-    if RS == 1:
-        loc = tl.arange(0, BD)
-        hrow = 0
-    else:
-        idx = tl.arange(0, RS * BD)
-        loc = idx % BD
-        hrow = (idx // BD) * NR               # first state row of the thread's group
+    loc = tl.arange(0, BD)
     offs_d = pid_d * BD + loc
     dmask = offs_d < E
-    if RS == 1:
-        wmask = dmask
-    else:
-        wmask = dmask & (hrow == 0)           # the per-channel outputs come from group 0
     if dr == 0:
         x_b = xa_ptr + b * sxa_b + offs_d
         dt_b = dta_ptr + b * sdta_b + offs_d
@@ -792,44 +753,40 @@ def _scan_bwd_kernel(
     j = (cf % RF) * (32 * WF) + cf // RF
     ck_col = (offs_d // BDF) * (N * BDF) + ((j % 2) * (BDF // 2) + j // 2)
     if SCATTER:
-        # The warp reduces its 2 NR per-channel terms (dk, dq of its rows, NR = 4, 8 or 16) to one per lane. Lane
-        # l holds its group's row hrow + j in slot j ^ 4 hi(l), hi(l) = the top FB = log2(NR / 4) bits of l: the
-        # first FB levels (lane bits 4, 3 <-> row bits 3, 2) then pair fixed slots, with no selects; each lane
-        # loads the records' groups of four in its own order (goff). Then three levels with selects (lane bit TB:
-        # dk or dq, bits TB-1, TB-2: the row within the group of four) and TB-2 plain butterflies over the lanes
-        # left (for NR < 16 two or four lanes end up with the same entry). Per-warp partials [ndir, nblk * W, B,
-        # L, 2N]: lane l holds entry `row` (dk rows, then dq rows).
-        TB: tl.constexpr = 4 - FB
+        # Lane l holds state row n in slot n ^ 4 hi(l), hi(l) = bits 3-4 of l: the first two levels of the dk/dq
+        # reduce-scatter (lane bits 4 and 3 <-> row bits 3 and 2) then pair fixed slots, with no selects; each
+        # lane loads the records' groups of four in its own order (goff). Per-warp partials [ndir, nblk * W, B,
+        # L, 2N]: lane l ends up with entry `row` (dk rows, then dq rows).
         lane = loc % 32
-        hi = (lane >> (5 - FB)) & ((1 << FB) - 1)
-        row = (((lane >> TB) & 1) * N + hrow + hi * 4 + ((lane >> (TB - 1)) & 1) * 2 + ((lane >> (TB - 2)) & 1))
+        hi = (lane >> 3) & 3
+        row = ((lane >> 2) & 1) * N + hi * 4 + (lane & 3)
         dkq_w = dkq_ptr + (((dr * nblk + pid_d) * W + loc // 32) * B + b) * L * (2 * N) + row
         goff = ()
-        for gi in tl.static_range(NR // 4):
-            goff = goff + (hrow + 4 * (gi ^ hi),)
+        for gi in tl.static_range(N // 4):
+            goff = goff + (4 * (gi ^ hi),)
         hi4 = 4 * hi
     else:
         dkq_b = dkq_ptr + ((dr * nblk + pid_d) * B + b) * L * (2 * N)
         goff = ()
-        for gi in tl.static_range(max(NR // 4, 1)):
-            goff = goff + (hrow + 4 * gi,)
+        for gi in tl.static_range(max(N // 4, 1)):
+            goff = goff + (4 * gi,)
         hi4 = 0
     lane_rec = (loc % 32) * (REC_W // 32)       # one 8-byte slice of a record row per lane (L1 prefetches)
     NTILE: tl.constexpr = CK // TT
     if SEG:
-        scr_b = scr_ptr + (((dr * B + b) * NSEG + seg) * nblk + pid_d) * (NTILE * N * BD) + hrow * BD + loc
+        scr_b = scr_ptr + (((dr * B + b) * NSEG + seg) * nblk + pid_d) * (NTILE * N * BD) + loc
     else:
-        scr_b = scr_ptr + ((dr * B + b) * nblk + pid_d) * (NTILE * N * BD) + hrow * BD + loc
+        scr_b = scr_ptr + ((dr * B + b) * nblk + pid_d) * (NTILE * N * BD) + loc
 
-    zero = tl.zeros([RS * BD], tl.float32)
+    zero = tl.zeros([BD], tl.float32)
     Wc = ()                                   # f_{s+1} * H_{s+1}, carried against the scan order
     if SEG:
         # the carry entering the segment from the right (slot 1 of csum[ndir, B, NSEG, 2, N, EP])
         cs_b = csum_ptr + (((dr * B + b) * NSEG + seg) * 2 + 1) * (N * EP) + offs_d
-        for n in tl.static_range(NR):
-            Wc = Wc + (tl.load(cs_b + (hrow + (n ^ hi4)) * EP, mask=dmask, other=0.0),)
+        for n in tl.static_range(N):
+            Wc = Wc + (tl.load(cs_b + (n ^ hi4) * EP, mask=dmask, other=0.0),)
     else:
-        for n in tl.static_range(NR):
+        for n in tl.static_range(N):
             Wc = Wc + (zero,)
     acc_db = zero
     acc_dD = zero
@@ -846,9 +803,8 @@ def _scan_bwd_kernel(
         ntile = (tl.minimum(CK, L - s0) + TT - 1) // TT
         # 1. sweep the window from its checkpoint, storing each tile's start state; x and dt one tile ahead
         S = ()
-        for n in tl.static_range(NR):
-            S = S + (tl.load(ck_b + (w - 1) * CKS + ck_col + (hrow + (n ^ hi4)) * BDF, mask=dmask & (w > 0),
-                             other=0.0),)
+        for n in tl.static_range(N):
+            S = S + (tl.load(ck_b + (w - 1) * CKS + ck_col + (n ^ hi4) * BDF, mask=dmask & (w > 0), other=0.0),)
         nx = ()
         ndt = ()
         for jj in tl.static_range(TT):
@@ -858,7 +814,7 @@ def _scan_bwd_kernel(
             ndt = ndt + (_ld(dt_b, tj, sdt_t, L, dmask),)
         for jt in range(ntile):
             scr_t = scr_b + jt * (N * BD)
-            for n in tl.static_range(NR):
+            for n in tl.static_range(N):
                 tl.store(scr_t + n * BD, S[n])
             if jt < ntile - 1:
                 X = nx
@@ -874,19 +830,19 @@ def _scan_bwd_kernel(
                 for jj in tl.static_range(TT):
                     sj = s0 + jt * TT + jj
                     tj = sj + rev * (L - 1 - 2 * sj)
-                    k, _, km, kappa = _rec_rows(rec_b, tj, goff, NR, N, REC_W, False, FAST)
+                    k, _, km, kappa = _rec_rows(rec_b, tj, goff, N, REC_W, False, FAST)
                     _, rden, eps = _coefs(DT[jj], bias, kappa, FAST)
-                    S = _advance_rows(S, X[jj], eps, rden, k, km, NR)
+                    S = _advance_rows(S, X[jj], eps, rden, k, km, N)
         # 2. tiles in reverse. The next tile's start state and per-channel inputs are prefetched into L1 one tile
         #    ahead (register copies would cost 36 registers at the peak of the tile, where spills start).
         for jti in range(ntile):
             jt = ntile - 1 - jti
             S = ()
-            for n in tl.static_range(NR):
+            for n in tl.static_range(N):
                 S = S + (tl.load(scr_b + jt * (N * BD) + n * BD),)
             if FAST:
                 nxt = scr_b + tl.maximum(jt - 1, 0) * (N * BD)
-                for n in tl.static_range(NR):
+                for n in tl.static_range(N):
                     _prefetch(nxt + n * BD, FAST)
                 for jj in tl.static_range(TT):
                     sj = s0 + (jt - 1) * TT + jj
@@ -922,24 +878,24 @@ def _scan_bwd_kernel(
                 s = s0 + jt * TT + jj
                 t = s + rev * (L - 1 - 2 * s)
                 x = _ld(x_b, t, sx_t, L, dmask)
-                k, _, km, kappa = _rec_rows(rec_b, t, goff, NR, N, REC_W, False, FAST)
+                k, _, km, kappa = _rec_rows(rec_b, t, goff, N, REC_W, False, FAST)
                 omb, rden, eps = _coefs(_ld(dt_b, t, sdt_t, L, dmask), bias, kappa, FAST)
                 X = X + (x,)
                 co_omb = co_omb + (omb,)
                 co_rden = co_rden + (rden,)
                 co_eps = co_eps + (eps,)
-                S = _advance_rows(S, x, eps, rden, k, km, NR)
+                S = _advance_rows(S, x, eps, rden, k, km, N)
                 states = states + (S,)
             for jj in tl.static_range(TT - 1, -1, -1):
                 s = s0 + jt * TT + jj
                 valid = s < L
-                m = wmask & valid
+                m = dmask & valid
                 t = s + rev * (L - 1 - 2 * s)
                 x = X[jj]
                 G = GS[jj]
                 eps = co_eps[jj]
                 rden = co_rden[jj]
-                k, q, km, kappa = _rec_rows(rec_b, t, goff, NR, N, REC_W, True, FAST)
+                k, q, km, kappa = _rec_rows(rec_b, t, goff, N, REC_W, True, FAST)
                 S_prev = states[jj]
                 S_t = states[jj + 1]
                 if HAS_Z:
@@ -964,7 +920,7 @@ def _scan_bwd_kernel(
                 dk = ()
                 dq = ()
                 Wn = ()
-                for n in tl.static_range(NR):
+                for n in tl.static_range(N):
                     H = g * q[n] + Wc[n]
                     Hk = H * k[n]
                     v = x - k[n] * S_prev[n]                       # x - k S_{t-1}
@@ -975,50 +931,32 @@ def _scan_bwd_kernel(
                     dq = dq + (g * S_t[n],)
                     Wn = Wn + (rden * H + km[n] * eH,)           # f H, f = rden + eps (kappa - k^2)
                 Wc = Wn
-                sum_hk, deps = _group_sum(sum_hk, deps, RS, BD)
                 # dk also carries -2 k[n] sum_d deps eps^2 (through kappa): folded in per channel
                 a2 = -2.0 * deps * eps * eps
                 if SCATTER:
-                    # the select-free levels (NR = 16: lane bits 4 and 3 pair slots 8-15 and 4-7 with the
-                    # partner's copies of the same rows), then selects and butterflies (see the set-up)
+                    # reduce-scatter over the warp of 2N = 32 rows (dk, dq): lane bits 4 and 3 pair slots 8-15
+                    # and 4-7 with the partner's copies of the same rows; then bit 2 splits dk / dq and bits 1, 0
+                    # the last two row bits
                     hk = ()
                     hq = ()
-                    if FB == 0:
-                        for r in tl.static_range(NR):
-                            hk = hk + (dk[r] + a2 * k[r],)
-                            hq = hq + (dq[r],)
-                    else:
-                        for r in tl.static_range(NR // 2):
-                            hk = hk + (dk[r] + a2 * k[r] + _bfly(dk[r + NR // 2] + a2 * k[r + NR // 2], 16),)
-                            hq = hq + (dq[r] + _bfly(dq[r + NR // 2], 16),)
-                    if FB == 2:
-                        v8 = ()
-                        for r in tl.static_range(4):
-                            v8 = v8 + (hk[r] + _bfly(hk[r + 4], 8),)
-                        for r in tl.static_range(4):
-                            v8 = v8 + (hq[r] + _bfly(hq[r + 4], 8),)
-                    else:
-                        v8 = hk + hq
-                    v4 = _reduce_scatter(v8, lane, 4, 1 << TB)
-                    v2 = _reduce_scatter(v4, lane, 2, 1 << (TB - 1))
-                    v1 = _reduce_scatter(v2, lane, 1, 1 << (TB - 2))
-                    v = v1[0]
-                    for f in tl.static_range(TB - 2):
-                        v = v + _bfly(v, 1 << f)
-                    tl.store(dkq_w + t * (2 * N), v, mask=valid)
-                elif RS == 1:
+                    for r in tl.static_range(8):
+                        hk = hk + (dk[r] + a2 * k[r] + _bfly(dk[r + 8] + a2 * k[r + 8], 16),)
+                        hq = hq + (dq[r] + _bfly(dq[r + 8], 16),)
+                    v8 = ()
+                    for r in tl.static_range(4):
+                        v8 = v8 + (hk[r] + _bfly(hk[r + 4], 8),)
+                    for r in tl.static_range(4):
+                        v8 = v8 + (hq[r] + _bfly(hq[r + 4], 8),)
+                    v4 = _reduce_scatter(v8, lane, 4)
+                    v2 = _reduce_scatter(v4, lane, 2)
+                    v1 = _reduce_scatter(v2, lane, 1)
+                    tl.store(dkq_w + t * (2 * N), v1[0], mask=valid)
+                else:
                     for n in tl.static_range(N):
                         tl.store(dkq_b + t * (2 * N) + n, tl.sum(tl.where(dmask, dk[n] + a2 * k[n], 0.0), axis=0),
                                  mask=valid)
                         tl.store(dkq_b + t * (2 * N) + N + n, tl.sum(tl.where(dmask, dq[n], 0.0), axis=0),
                                  mask=valid)
-                else:
-                    grow = tl.arange(0, RS) * NR
-                    for n in tl.static_range(NR):
-                        pk = tl.reshape(tl.where(dmask, dk[n] + a2 * k[n], 0.0), [RS, BD])
-                        pq = tl.reshape(tl.where(dmask, dq[n], 0.0), [RS, BD])
-                        tl.store(dkq_b + t * (2 * N) + grow + n, tl.sum(pk, axis=1), mask=valid)
-                        tl.store(dkq_b + t * (2 * N) + N + grow + n, tl.sum(pq, axis=1), mask=valid)
                 dx = eps * sum_hk
                 if HAS_D:
                     dx += Dp * g
@@ -1031,6 +969,6 @@ def _scan_bwd_kernel(
         dpar_b = dpar_ptr + ((dr * B + b) * NSEG + seg) * 2 * E + offs_d
     else:
         dpar_b = dpar_ptr + (dr * B + b) * 2 * E + offs_d
-    tl.store(dpar_b, acc_db, mask=wmask)
+    tl.store(dpar_b, acc_db, mask=dmask)
     if HAS_D:
-        tl.store(dpar_b + E, acc_dD, mask=wmask)
+        tl.store(dpar_b + E, acc_dD, mask=dmask)
