@@ -5,8 +5,10 @@
 For each resolution: inference (model.eval(), torch.inference_mode(), bf16 autocast) and a training step
 (bf16 autocast, forward + backward + fused AdamW step), images/s from the median of CUDA-event-timed repeats
 after warm-up, peak memory (torch.cuda.max_memory_allocated), and the ratios vlonghorn / deit. Both models are
-created at the resolution (img_size=...), the same batch for both, random inputs. Writes model_<device>.json
-and .md into --out (default benchmarks/results).
+created at the resolution (img_size=...), the same batch for both, random inputs. vlonghorn_small runs twice:
+as created by default (selective recompute of each block's non-scan ops in training) and with
+recompute_mixer=False (every activation saved). Writes model_<device>.json and .md into --out (default
+benchmarks/results).
 """
 import argparse
 import datetime
@@ -19,7 +21,13 @@ import triton
 
 import vlonghorn  # noqa: E402,F401  (registers the models with timm)
 
-MODELS = ("vlonghorn_small", "deit_small_patch16_224")
+# label: (timm name, create_model kwargs); the first is the default vlonghorn, the last the peer
+MODELS = {
+    "vlonghorn_small": ("vlonghorn_small", {}),
+    "vlonghorn_small (recompute_mixer=False)": ("vlonghorn_small", {"recompute_mixer": False}),
+    "deit_small_patch16_224": ("deit_small_patch16_224", {}),
+}
+PEER = "deit_small_patch16_224"
 
 
 def _time(fn, warmup, reps):
@@ -38,9 +46,9 @@ def _time(fn, warmup, reps):
     return times[len(times) // 2] * 1e-3  # seconds
 
 
-def bench_one(name, res, batch, reps, train=True):
+def bench_one(name, res, batch, reps, train=True, **kwargs):
     torch.manual_seed(0)
-    model = timm.create_model(name, img_size=res, num_classes=1000).cuda()
+    model = timm.create_model(name, img_size=res, num_classes=1000, **kwargs).cuda()
     x = torch.randn(batch, 3, res, res, device="cuda")
     out = {}
     model.eval()
@@ -99,10 +107,10 @@ def main():
     tag = dev.replace(" ", "_").replace("/", "_")
     for res, batch in zip(opt.res, opt.batch):
         results[res] = {"batch": batch}
-        for name in MODELS:
-            r = bench_one(name, res, batch, opt.reps if res <= 1024 else max(2, opt.reps // 3))
-            results[res][name] = r
-            print(res, batch, name, json.dumps(r), flush=True)
+        for label, (name, kwargs) in MODELS.items():
+            r = bench_one(name, res, batch, opt.reps if res <= 1024 else max(2, opt.reps // 3), **kwargs)
+            results[res][label] = r
+            print(res, batch, label, json.dumps(r), flush=True)
             with open(os.path.join(opt.out, f"model_{tag}.json"), "w") as fh:  # partial results survive a timeout
                 json.dump({"meta": meta, "results": results}, fh, indent=1)
     lines = [f"# End to end: vlonghorn_small vs deit_small ({dev})", "",
@@ -117,14 +125,20 @@ def main():
             tp = tp if isinstance(tp, str) else f"{tp:.2f}"
             lines.append(f"| {res} | {r['batch']} | {name} | {m['infer_img_s']:.1f} | {m['infer_peak_GiB']:.2f} | "
                          f"{tr} | {tp} |")
-    lines += ["", "| res | inference ratio (vlonghorn / deit) | training ratio | training peak memory ratio |",
-              "|---|---|---|---|"]
+    lines += ["", "| res | model | inference ratio (vlonghorn / deit) | training ratio | training peak memory ratio |",
+              "|---|---|---|---|---|"]
     for res, r in results.items():
-        v, d = r[MODELS[0]], r[MODELS[1]]
-        tr = (f"{v['train_img_s'] / d['train_img_s']:.2f}" if v.get("train_img_s") and d.get("train_img_s") else "")
-        mr = (f"{v['train_peak_GiB'] / d['train_peak_GiB']:.2f}"
-              if not isinstance(v.get("train_peak_GiB"), str) and not isinstance(d.get("train_peak_GiB"), str) else "")
-        lines.append(f"| {res} | {v['infer_img_s'] / d['infer_img_s']:.2f} | {tr} | {mr} |")
+        d = r[PEER]
+        for label in MODELS:
+            if label == PEER:
+                continue
+            v = r[label]
+            tr = (f"{v['train_img_s'] / d['train_img_s']:.2f}" if v.get("train_img_s") and d.get("train_img_s")
+                  else "")
+            mr = (f"{v['train_peak_GiB'] / d['train_peak_GiB']:.2f}"
+                  if not isinstance(v.get("train_peak_GiB"), str) and not isinstance(d.get("train_peak_GiB"), str)
+                  else "")
+            lines.append(f"| {res} | {label} | {v['infer_img_s'] / d['infer_img_s']:.2f} | {tr} | {mr} |")
     md = "\n".join(lines) + "\n"
     print(md)
     with open(os.path.join(opt.out, f"model_{tag}.json"), "w") as fh:

@@ -8,8 +8,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("vlonghorn.kernels needs Triton (pip install triton)") from e
 
-from .interface import (CONFIG, bidirectional_conv1d_silu_triton, bidirectional_longhorn_scan_triton,
-                        longhorn_scan_triton)
+from .interface import (CONFIG, ScanOutputs, bidirectional_conv1d_silu_triton, bidirectional_longhorn_scan_triton,
+                        keep_scan_outputs, longhorn_scan_triton)
 
 __all__ = ["longhorn_scan_triton", "bidirectional_longhorn_scan_triton", "bidirectional_conv1d_silu_triton",
-           "CONFIG"]
+           "CONFIG", "ScanOutputs", "keep_scan_outputs"]

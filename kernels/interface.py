@@ -8,8 +8,12 @@ with a fake implementation for tracing and an autograd formula that calls the ba
     bidirectional_longhorn_scan_triton(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
                                        dt_bias_fwd, dt_bias_bwd, D_fwd, D_bwd, z) -> (y_fwd + y_bwd) / 2 * silu(z)
     bidirectional_conv1d_silu_triton(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd) -> (x_fwd, x_bwd)
+
+and, for recomputing everything of a region but the scan in the backward, `ScanOutputs` / `keep_scan_outputs`.
 """
+import contextlib
 import os
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -21,7 +25,7 @@ from .scan import (PAD, REC, _adjoint_chunk_kernel, _prep_kernel, _scan_bwd_kern
                    _scan_combine_kernel, _scan_fwd_kernel)
 
 __all__ = ["longhorn_scan_triton", "bidirectional_longhorn_scan_triton", "bidirectional_conv1d_silu_triton",
-           "CONFIG"]
+           "CONFIG", "ScanOutputs", "keep_scan_outputs"]
 
 # Launch parameters, chosen by the sweep in benchmarks/bench_kernels.py on an H100 (benchmarks/NOTES_kernels.md).
 # BD: channels per program (BD / (32 warps) channels per thread); CK: steps between the forward's fp32
@@ -369,8 +373,62 @@ def bidirectional_longhorn_scan_triton(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fw
     if dt_bwd.dtype != dt_fwd.dtype:
         dt_bwd = dt_bwd.to(dt_fwd.dtype)
     save = _needs_grad(*ts)
-    return scan_fwd(x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, x_bwd, dt_bwd, k_bwd, q_bwd, dt_bias_bwd,
-                    D_bwd, z, False, save)[0]
+    args = (x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, x_bwd, dt_bwd, k_bwd, q_bwd, dt_bias_bwd, D_bwd, z, False)
+    stack = getattr(_REGIONS, "stack", None)
+    store = stack[-1] if stack else None
+    if store is None or not save:
+        return scan_fwd(*args, save)[0]
+    if not store.recorded:
+        outputs = scan_fwd(*args, True)
+        store.kept.append(tuple(t.detach() for t in outputs))
+        return outputs[0]
+    store.next += 1
+    return _ScanReplay.apply(store.kept[store.next - 1], *args)
+
+
+# ------------------------------------------------------------------------------------ recompute around the scan
+class ScanOutputs:
+    """The outputs of the scans run inside one recompute region (`keep_scan_outputs`), in call order."""
+
+    def __init__(self):
+        self.kept = []
+        self.recorded = False   # the region has run once: its scans now hand back what they kept
+        self.next = 0
+
+
+_REGIONS = threading.local()
+
+
+@contextlib.contextmanager
+def keep_scan_outputs(store: ScanOutputs):
+    """Run a region whose forward is run again in the backward (torch.utils.checkpoint): the first time, every
+    bidirectional scan with grad keeps its outputs in `store`; when the region runs again, each scan returns
+    what it kept (no kernel launch) through an autograd node over the recomputed inputs, so that only the scan's
+    outputs live between forward and backward while its inputs are recomputed."""
+    stack = getattr(_REGIONS, "stack", None)
+    if stack is None:
+        stack = _REGIONS.stack = []
+    store.next = 0
+    stack.append(store)
+    try:
+        yield store
+    finally:
+        stack.pop()
+        store.recorded = True
+
+
+class _ScanReplay(torch.autograd.Function):
+    """scan_fwd's autograd node (the same saved tensors, the same backward) over recomputed inputs, with the
+    outputs of the first run."""
+
+    @staticmethod
+    def forward(ctx, kept, *inputs):
+        _scan_setup(ctx, inputs + (True,), kept)
+        return kept[0].detach()
+
+    @staticmethod
+    def backward(ctx, g_out):
+        return (None,) + _scan_backward(ctx, g_out, None, None, None)[:-1]
 
 
 # ----------------------------------------------------------------------------------------------------- conv

@@ -33,7 +33,7 @@ from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
-from vlonghorn.ops import bidirectional_conv1d_silu, bidirectional_longhorn_scan
+from vlonghorn.ops import bidirectional_conv1d_silu, bidirectional_longhorn_scan, uses_triton
 
 __all__ = ['VisionLonghorn']
 
@@ -119,9 +119,19 @@ class LonghornMixer(nn.Module):
         return self.out_proj(y)
 
 
+def _keep_scan_outputs():
+    # selective recompute under torch.compile: the scan's outputs (its result, y_pre, checkpoints, records) are
+    # kept, every other op of the branch runs again in the backward
+    return torch.utils.checkpoint.create_selective_checkpoint_contexts([torch.ops.vlonghorn.scan_fwd.default])
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + drop_path(mixer(norm(x))). The residual stream keeps the parameters' dtype
-    (fp32 under autocast), since the mixer's bf16 output is added to it in higher precision."""
+    (fp32 under autocast), since the mixer's bf16 output is added to it in higher precision.
+
+    With `recompute_mixer` (and autograd recording, on the Triton path) the branch mixer(norm(x)) keeps for the
+    backward only what the scan's forward produced and runs the rest again there (norm, in/x/dt projections,
+    conv): their 1536- and 768-wide activations are not held between forward and backward."""
 
     def __init__(
             self,
@@ -130,6 +140,7 @@ class Block(nn.Module):
             expand: int = 2,
             drop_path: float = 0.,
             norm_layer=RmsNorm,
+            recompute_mixer: bool = True,
             device=None,
             dtype=None,
     ):
@@ -138,9 +149,33 @@ class Block(nn.Module):
         self.norm = norm_layer(dim, **dd)
         self.mixer = LonghornMixer(dim, d_state=d_state, expand=expand, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.recompute_mixer = recompute_mixer
+        self.in_checkpoint = False  # set by VisionLonghorn.set_grad_checkpointing: the whole block is recomputed
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixer(self.norm(x))
+
+    def _branch_keeping_scan(self, x: torch.Tensor, store) -> torch.Tensor:
+        from vlonghorn.kernels import keep_scan_outputs
+        with keep_scan_outputs(store):
+            return self._branch(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.mixer(self.norm(x)))
+        if (self.recompute_mixer and not self.in_checkpoint and torch.is_grad_enabled()
+                and not torch.jit.is_scripting() and uses_triton(x)):
+            if torch.compiler.is_compiling():
+                # traced once into the graph: a selective-checkpoint policy costs nothing per step there
+                y = torch.utils.checkpoint.checkpoint(self._branch, x, use_reentrant=False,
+                                                      context_fn=_keep_scan_outputs)
+            else:
+                # eager: the same policy would put a Python dispatch mode under every op of every step (it cost
+                # a third of the training speed at 224 px); the kernels' ScanOutputs keep the scan's outputs
+                from vlonghorn.kernels import ScanOutputs
+                y = torch.utils.checkpoint.checkpoint(self._branch_keeping_scan, x, ScanOutputs(),
+                                                      use_reentrant=False)
+        else:
+            y = self._branch(x)
+        return x + self.drop_path(y)
 
 
 @register_notrace_function  # FX wraps only public names: no leading underscore
@@ -187,6 +222,7 @@ class VisionLonghorn(nn.Module):
             pos_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             dynamic_img_size: bool = False,
+            recompute_mixer: bool = True,
             device=None,
             dtype=None,
     ):
@@ -205,6 +241,9 @@ class VisionLonghorn(nn.Module):
             pos_drop_rate: Dropout after the position embedding.
             drop_path_rate: Stochastic depth rate (linearly increasing over the blocks).
             dynamic_img_size: Accept any image size divisible by the patch, resampling the position embedding.
+            recompute_mixer: In training on the Triton path, keep only the scan's outputs of each block for the
+                backward and recompute the rest of the block there (about 0.4x the activation memory for a few
+                percent more time; `set_grad_checkpointing` recomputes whole blocks instead).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -237,7 +276,8 @@ class VisionLonghorn(nn.Module):
 
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, d_state=d_state, expand=expand, drop_path=dpr[i], **dd)
+            Block(embed_dim, d_state=d_state, expand=expand, drop_path=dpr[i], recompute_mixer=recompute_mixer,
+                  **dd)
             for i in range(depth)
         ])
         self.feature_info = [
@@ -276,6 +316,8 @@ class VisionLonghorn(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+        for block in self.blocks:
+            block.in_checkpoint = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

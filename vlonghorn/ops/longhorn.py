@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from .scan_torch import bidirectional_longhorn_scan_torch, longhorn_scan_torch
 
-__all__ = ["longhorn_scan", "bidirectional_longhorn_scan", "bidirectional_conv1d_silu", "triton_available"]
+__all__ = ["longhorn_scan", "bidirectional_longhorn_scan", "bidirectional_conv1d_silu", "triton_available",
+           "uses_triton"]
 
 _BACKENDS = ("auto", "triton", "torch")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -42,6 +43,11 @@ def _resolve_backend(backend, x):
         raise RuntimeError("backend='triton' was asked for but the Triton kernels cannot be imported "
                            "(is triton installed?)")
     return backend
+
+
+def uses_triton(x, backend="auto"):
+    """True when the ops called with `backend` on tensors like x run the Triton kernels."""
+    return _resolve_backend(backend, x) == "triton"
 
 
 def _check_tensor(name, t, ndim, shape=None, floating=True):
