@@ -1,13 +1,14 @@
 """vlonghorn_small against deit_small_patch16_224, end to end, in one process on one GPU.
 
-    python benchmarks/bench_model.py [--out DIR] [--res 224 1024 2048] [--batch 256 16 2]
+    python benchmarks/bench_model.py [--out DIR] [--res 224 1024 2048] [--batch 256 16 2] [--compile]
 
 For each resolution: inference (model.eval(), torch.inference_mode(), bf16 autocast) and a training step
 (bf16 autocast, forward + backward + fused AdamW step), images/s from the median of CUDA-event-timed repeats
 after warm-up, peak memory (torch.cuda.max_memory_allocated), and the ratios vlonghorn / deit. Both models are
 created at the resolution (img_size=...), the same batch for both, random inputs. vlonghorn_small runs twice:
 as created by default (selective recompute of each block's non-scan ops in training) and with
-recompute_mixer=False (every activation saved). Writes model_<device>.json and .md into --out (default
+recompute_mixer=False (every activation saved). --compile wraps every model in torch.compile (default mode)
+and writes model_<device>_compiled.*. Writes model_<device>.json and .md into --out (default
 benchmarks/results).
 """
 import argparse
@@ -46,9 +47,10 @@ def _time(fn, warmup, reps):
     return times[len(times) // 2] * 1e-3  # seconds
 
 
-def bench_one(name, res, batch, reps, train=True, **kwargs):
+def bench_one(name, res, batch, reps, train=True, compile=False, **kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=res, num_classes=1000, **kwargs).cuda()
+    run = torch.compile(model) if compile else model
     x = torch.randn(batch, 3, res, res, device="cuda")
     out = {}
     model.eval()
@@ -57,7 +59,7 @@ def bench_one(name, res, batch, reps, train=True, **kwargs):
 
     def infer():
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
-            model(x)
+            run(x)
 
     t = _time(infer, 3, reps)
     out["infer_img_s"] = batch / t
@@ -71,7 +73,7 @@ def bench_one(name, res, batch, reps, train=True, **kwargs):
 
         def step():
             with torch.autocast("cuda", torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(model(x), target)
+                loss = torch.nn.functional.cross_entropy(run(x), target)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -84,7 +86,7 @@ def bench_one(name, res, batch, reps, train=True, **kwargs):
             out["train_img_s"] = None
             out["train_peak_GiB"] = "OOM"
         del opt
-    del model, x
+    del model, run, x
     torch.cuda.empty_cache()
     return out
 
@@ -95,27 +97,30 @@ def main():
     ap.add_argument("--res", type=int, nargs="+", default=[224, 1024, 2048])
     ap.add_argument("--batch", type=int, nargs="+", default=[256, 16, 2])
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model (warm-up includes compiling)")
     opt = ap.parse_args()
     dev = torch.cuda.get_device_name()
     from vlonghorn.kernels import CONFIG
     meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "timm": timm.__version__,
             "kernel_config": dict(CONFIG),
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "autocast": "bfloat16",
-            "optimizer": "AdamW(fused=True)"}
+            "optimizer": "AdamW(fused=True)", "compile": opt.compile}
     results = {}
     os.makedirs(opt.out, exist_ok=True)
-    tag = dev.replace(" ", "_").replace("/", "_")
+    tag = dev.replace(" ", "_").replace("/", "_") + ("_compiled" if opt.compile else "")
     for res, batch in zip(opt.res, opt.batch):
         results[res] = {"batch": batch}
         for label, (name, kwargs) in MODELS.items():
-            r = bench_one(name, res, batch, opt.reps if res <= 1024 else max(2, opt.reps // 3), **kwargs)
+            r = bench_one(name, res, batch, opt.reps if res <= 1024 else max(2, opt.reps // 3), compile=opt.compile,
+                          **kwargs)
             results[res][label] = r
             print(res, batch, label, json.dumps(r), flush=True)
             with open(os.path.join(opt.out, f"model_{tag}.json"), "w") as fh:  # partial results survive a timeout
                 json.dump({"meta": meta, "results": results}, fh, indent=1)
     lines = [f"# End to end: vlonghorn_small vs deit_small ({dev})", "",
              f"torch {torch.__version__}, triton {triton.__version__}, timm {timm.__version__}, {meta['date']}; "
-             "bf16 autocast; inference under inference_mode; training step with fused AdamW.", "",
+             "bf16 autocast; inference under inference_mode; training step with fused AdamW"
+             + ("; every model under torch.compile." if opt.compile else "."), "",
              "| res | batch | model | infer img/s | infer peak GiB | train img/s | train peak GiB |", "|" + "---|" * 7]
     for res, r in results.items():
         for name in MODELS:

@@ -161,8 +161,10 @@ class Block(nn.Module):
             return self._branch(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (an FX-traced graph takes the plain branch: the choice depends on the tensor's device)
         if (self.recompute_mixer and not self.in_checkpoint and torch.is_grad_enabled()
-                and not torch.jit.is_scripting() and uses_triton(x)):
+                and not torch.jit.is_scripting() and not torch.fx._symbolic_trace.is_fx_tracing()
+                and uses_triton(x)):
             if torch.compiler.is_compiling():
                 # traced once into the graph: a selective-checkpoint policy costs nothing per step there
                 y = torch.utils.checkpoint.checkpoint(self._branch, x, use_reentrant=False,
