@@ -5,8 +5,9 @@
 
 Prints, per resolution, the kernels sorted by total GPU time over the forward (all layers): where the time of
 the end-to-end figures of bench_model.py goes. With --train: one training step (forward and backward under
-bf16 autocast), its wall time next to the GPU's busy time (kernels and copies; a gap means the host does not
-keep up), the host-side ops with the most self CPU time and the synchronising runtime calls.
+bf16 autocast), its wall time (without and under the profiler) next to the GPU's busy time (kernels and
+copies; a gap means the host does not keep up), the host-side ops with the most self CPU time and the
+synchronising runtime calls.
 """
 import argparse
 import json
@@ -45,6 +46,11 @@ def main():
             for _ in range(3):   # compile and warm up
                 _train_step(model, x)
             torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                _train_step(model, x)
+            torch.cuda.synchronize()
+            print(f"step wall {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms (5 steps, no profiler)")
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 t0 = time.perf_counter()
                 _train_step(model, x)
