@@ -374,8 +374,7 @@ def bidirectional_longhorn_scan_triton(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fw
         dt_bwd = dt_bwd.to(dt_fwd.dtype)
     save = _needs_grad(*ts)
     args = (x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, x_bwd, dt_bwd, k_bwd, q_bwd, dt_bias_bwd, D_bwd, z, False)
-    stack = getattr(_REGIONS, "stack", None)
-    store = stack[-1] if stack else None
+    store = _REGIONS.stack[-1] if _REGIONS.stack else None
     if store is None or not save:
         return scan_fwd(*args, save)[0]
     if not store.recorded:
@@ -396,7 +395,12 @@ class ScanOutputs:
         self.next = 0
 
 
-_REGIONS = threading.local()
+class _Regions(threading.local):
+    def __init__(self):
+        self.stack = []     # the ScanOutputs of the regions being run on this thread, innermost last
+
+
+_REGIONS = _Regions()
 
 
 @contextlib.contextmanager
@@ -405,15 +409,12 @@ def keep_scan_outputs(store: ScanOutputs):
     bidirectional scan with grad keeps its outputs in `store`; when the region runs again, each scan returns
     what it kept (no kernel launch) through an autograd node over the recomputed inputs, so that only the scan's
     outputs live between forward and backward while its inputs are recomputed."""
-    stack = getattr(_REGIONS, "stack", None)
-    if stack is None:
-        stack = _REGIONS.stack = []
     store.next = 0
-    stack.append(store)
+    _REGIONS.stack.append(store)
     try:
         yield store
     finally:
-        stack.pop()
+        _REGIONS.stack.pop()
         store.recorded = True
 
 
