@@ -1,16 +1,19 @@
 """GPU time per kernel of one vlonghorn model forward (inference, bf16 autocast), from torch.profiler (GPU only):
 
     python benchmarks/profile_model.py [--model vlonghorn_small] [--res 1024 2048] [--batch 16 2] [--rows 14]
-                                       [--train] [--kwargs '{"recompute_mixer": false}']
+                                       [--train [--cprofile]] [--kwargs '{"recompute_mixer": false}']
 
 Prints, per resolution, the kernels sorted by total GPU time over the forward (all layers): where the time of
 the end-to-end figures of bench_model.py goes. With --train: one training step (forward and backward under
 bf16 autocast), its wall time (without and under the profiler) next to the GPU's busy time (kernels and
 copies; a gap means the host does not keep up), the host-side ops with the most self CPU time and the
-synchronising runtime calls.
+synchronising runtime calls; --cprofile adds a Python-level profile (cProfile) of three training steps, the
+functions with the most own time and the most cumulative time: where the host time of the step goes.
 """
 import argparse
+import cProfile
 import json
+import pstats
 import time
 
 import timm
@@ -35,6 +38,7 @@ def main():
     ap.add_argument("--rows", type=int, default=14)
     ap.add_argument("--train", action="store_true", help="profile a training step instead of a forward")
     ap.add_argument("--kwargs", default="{}", help="JSON keyword arguments for timm.create_model")
+    ap.add_argument("--cprofile", action="store_true", help="with --train: cProfile three training steps")
     opt = ap.parse_args()
     kwargs = json.loads(opt.kwargs)
     for res, batch in zip(opt.res, opt.batch):
@@ -51,6 +55,16 @@ def main():
                 _train_step(model, x)
             torch.cuda.synchronize()
             print(f"step wall {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms (5 steps, no profiler)")
+            if opt.cprofile:
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(3):
+                    _train_step(model, x)
+                torch.cuda.synchronize()
+                prof.disable()
+                stats = pstats.Stats(prof)
+                stats.sort_stats("tottime").print_stats(opt.rows)
+                stats.sort_stats("cumtime").print_stats(opt.rows)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 t0 = time.perf_counter()
                 _train_step(model, x)

@@ -1,7 +1,10 @@
 """Launchers, autograd and torch.library registration of the Triton kernels.
 
 Each op is a `torch.library.custom_op` (opaque to torch.compile, so the mixer compiles without graph breaks)
-with a fake implementation for tracing and an autograd formula that calls the backward op. Public entry points
+with a fake implementation for tracing and an autograd formula that calls the backward op. In plain eager mode
+the entry points call the same launchers through `torch.autograd.Function`s instead (same saved tensors, same
+gradients): torch.library's wrapping cost about 1.2 ms of host time per scan forward + backward and 0.85 ms per
+conv (benchmarks/bench_host.py), which made training host-bound below batch 256 at 224 px. Public entry points
 (called by vlonghorn.ops when the backend is "triton"):
 
     longhorn_scan_triton(x, dt, k, q, dt_bias, D, z, reverse) -> y
@@ -19,10 +22,11 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .conv import _conv_bwd_kernel, _conv_fwd_kernel
-from .scan import (PAD, REC, _adjoint_chunk_kernel, _prep_kernel, _scan_bwd_kernel, _scan_chunk_kernel,
-                   _scan_combine_kernel, _scan_fwd_kernel)
+from .scan import (PAD, REC, _adjoint_chunk_kernel, _grad_sums_kernel, _prep_kernel, _scan_bwd_kernel,
+                   _scan_chunk_kernel, _scan_combine_kernel, _scan_fwd_kernel)
 
 __all__ = ["longhorn_scan_triton", "bidirectional_longhorn_scan_triton", "bidirectional_conv1d_silu_triton",
            "CONFIG", "ScanOutputs", "keep_scan_outputs"]
@@ -80,17 +84,25 @@ def _needs_grad(*ts):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def _traced(t):
+    """True when a call must go through the torch.library op: under torch.compile / export, for tensor subclasses
+    (fake or functional tensors) and under a dispatch mode (e.g. a FLOP counter). Otherwise (plain eager mode)
+    the launchers are called directly."""
+    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor
+            or _get_current_dispatch_mode() is not None)
+
+
 # ----------------------------------------------------------------------------------------------------- scan
 def _prep(pairs, L):
-    """Pack k, q of each direction into the fp32 per-token record [ndir, B, PAD + L + PAD, REC]."""
+    """Pack k, q of each direction into the fp32 per-token record [ndir, B, PAD + L + PAD, REC] (one launch)."""
     B, _, N = pairs[0][0].shape
     rec = torch.empty(len(pairs), B, L + 2 * PAD, REC, device=pairs[0][0].device, dtype=torch.float32)
     nrow = B * (L + 2 * PAD)
     bt = 32
-    for i, (k, q) in enumerate(pairs):
-        _prep_kernel[(triton.cdiv(nrow, bt),)](
-            k, q, rec[i], k.stride(0), k.stride(1), k.stride(2), q.stride(0), q.stride(1), q.stride(2),
-            L, nrow, N=N, BT=bt, REC_W=REC, PADT=PAD)
+    (ka, qa), (kb, qb) = pairs[0], pairs[-1]
+    _prep_kernel[(triton.cdiv(nrow, bt), len(pairs))](
+        ka, qa, kb, qb, rec, *ka.stride(), *qa.stride(), *kb.stride(), *qb.stride(), L, nrow,
+        N=N, BT=bt, REC_W=REC, PADT=PAD)
     return rec
 
 
@@ -247,13 +259,21 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
         BIDIR=bidir, REVERSE=bool(reverse),
         HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter, SEG=nseg > 1,
         num_warps=CONFIG["bwd_warps"])
+    # dk, dq, dbias, dD: deterministic sums of the partials (one launch); every returned tensor is its own allocation
     res = []
-    for i, (dx, ddt, bias, D) in enumerate(((dxa, ddta, bias_a, Da), (dxb, ddtb, bias_b, Db))[:ndir]):
-        # deterministic sums of the per-block partials; every returned tensor is its own allocation
-        res += [dx, ddt, dkq[i, ..., :N].sum(0).to(k_dtype), dkq[i, ..., N:].sum(0).to(q_dtype),
-                dpar[i, :, 0].sum(0).to(bias.dtype), dpar[i, :, 1].sum(0).to(D.dtype) if D is not None else _empty(xa)]
+    for dx, ddt, bias, D in ((dxa, ddta, bias_a, Da), (dxb, ddtb, bias_b, Db))[:ndir]:
+        res += [dx, ddt, torch.empty(B, L, N, device=dev, dtype=k_dtype),
+                torch.empty(B, L, N, device=dev, dtype=q_dtype), torch.empty(E, device=dev, dtype=bias.dtype),
+                torch.empty(E, device=dev, dtype=D.dtype) if D is not None else _empty(xa)]
     if not bidir:
         res += [_empty(xa) for _ in range(6)]
+    b_res = res[6:] if bidir else res
+    bt, be = 64, 128
+    ntp = triton.cdiv(B * L, bt)
+    _grad_sums_kernel[(ntp + triton.cdiv(E, be), ndir)](
+        dkq, dpar, res[2], res[3], res[4], res[5] if Da is not None else res[4], b_res[2], b_res[3], b_res[4],
+        b_res[5] if (bidir and Db is not None) else b_res[4], nparts, B * L, B * nseg, E, ntp,
+        N=N, BT=bt, BE=be, RB=32, HAS_DA=Da is not None, HAS_DB=bidir and Db is not None, num_warps=4)
     res.append(dz if dz is not None else _empty(xa))
     return tuple(res)
 
@@ -325,8 +345,8 @@ def _scan_backward(ctx, g_out, g_ypre, g_ck, g_rec):
     if rec.numel() == 0:
         raise RuntimeError("vlonghorn::scan_fwd was run with save=False; it cannot be differentiated")
     kd, qd, kbd, qbd = ctx.dtypes
-    grads = scan_bwd(g_out, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, rec, ctx.reverse, kd, qd,
-                     ctx.n_state)
+    grads = (scan_bwd if _traced(g_out) else _scan_bwd_impl)(
+        g_out, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, rec, ctx.reverse, kd, qd, ctx.n_state)
     dxa, ddta, dka, dqa, dba, dDa, dxb, ddtb, dkb, dqb, dbb, dDb, dz = grads
     has_da, has_db, has_z = ctx.has
     if ctx.bidir:
@@ -338,6 +358,46 @@ def _scan_backward(ctx, g_out, g_ypre, g_ck, g_rec):
 
 
 scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
+
+
+class _ScanFn(torch.autograd.Function):
+    """scan_fwd with autograd in eager mode: the launcher called directly, the same saved tensors and backward as
+    the op's autograd formula. `store` (a ScanOutputs or None) receives the outputs of the first run of a
+    recompute region."""
+
+    @staticmethod
+    def forward(ctx, store, *inputs):
+        outputs = _scan_fwd_impl(*inputs)
+        _scan_setup(ctx, inputs, outputs)
+        if store is not None:
+            store.kept.append(tuple(t.detach() for t in outputs))
+        return outputs[0]
+
+    @staticmethod
+    def backward(ctx, g_out):
+        return (None,) + _scan_backward(ctx, g_out, None, None, None)
+
+
+def _scan(args, grad):
+    """The scan's output for scan_fwd's arguments (without `save`; `grad`: differentiable), on the op or (eager)
+    the launcher. Inside a recompute region (keep_scan_outputs) the first run keeps the training outputs, with or
+    without grad, and the second run hands them back."""
+    store = _REGIONS.stack[-1] if _REGIONS.stack else None
+    if store is not None and store.recorded:
+        store.next += 1
+        return _ScanReplay.apply(store.kept[store.next - 1], *args)
+    save = grad or store is not None
+    if _traced(args[0]):
+        outputs = scan_fwd(*args, save)
+        if store is not None:
+            store.kept.append(tuple(t.detach() for t in outputs))
+        return outputs[0]
+    if grad:
+        return _ScanFn.apply(store, *args, True)
+    outputs = _scan_fwd_impl(*args, save)
+    if store is not None:
+        store.kept.append(outputs)
+    return outputs[0]
 
 
 def _torch_fallback(k, *ts):
@@ -352,7 +412,7 @@ def longhorn_scan_triton(x, dt, k, q, dt_bias, D=None, z=None, reverse=False):
         from vlonghorn.ops.scan_torch import longhorn_scan_torch
         return longhorn_scan_torch(x, dt, k, q, dt_bias, D, z, reverse)
     save = _needs_grad(x, dt, k, q, dt_bias, D, z)
-    return scan_fwd(x, dt, k, q, dt_bias, D, None, None, None, None, None, None, z, bool(reverse), save)[0]
+    return _scan((x, dt, k, q, dt_bias, D, None, None, None, None, None, None, z, bool(reverse)), save)
 
 
 def bidirectional_longhorn_scan_triton(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
@@ -372,17 +432,8 @@ def bidirectional_longhorn_scan_triton(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fw
         x_bwd = x_bwd.to(x_fwd.dtype)
     if dt_bwd.dtype != dt_fwd.dtype:
         dt_bwd = dt_bwd.to(dt_fwd.dtype)
-    save = _needs_grad(*ts)
     args = (x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, x_bwd, dt_bwd, k_bwd, q_bwd, dt_bias_bwd, D_bwd, z, False)
-    store = _REGIONS.stack[-1] if _REGIONS.stack else None
-    if store is None or not save:
-        return scan_fwd(*args, save)[0]
-    if not store.recorded:
-        outputs = scan_fwd(*args, True)
-        store.kept.append(tuple(t.detach() for t in outputs))
-        return outputs[0]
-    store.next += 1
-    return _ScanReplay.apply(store.kept[store.next - 1], *args)
+    return _scan(args, _needs_grad(*ts))
 
 
 # ------------------------------------------------------------------------------------ recompute around the scan
@@ -405,10 +456,10 @@ _REGIONS = _Regions()
 
 @contextlib.contextmanager
 def keep_scan_outputs(store: ScanOutputs):
-    """Run a region whose forward is run again in the backward (torch.utils.checkpoint): the first time, every
-    bidirectional scan with grad keeps its outputs in `store`; when the region runs again, each scan returns
-    what it kept (no kernel launch) through an autograd node over the recomputed inputs, so that only the scan's
-    outputs live between forward and backward while its inputs are recomputed."""
+    """Run a region whose forward is run again in the backward: the first time, every scan keeps its training
+    outputs (output, y_pre, checkpoints, records) in `store`, also when run without grad; when the region runs
+    again, each scan returns what it kept (no kernel launch) through an autograd node over the recomputed inputs,
+    so that only the scan's outputs live between forward and backward while its inputs are recomputed."""
     store.next = 0
     _REGIONS.stack.append(store)
     try:
@@ -502,11 +553,24 @@ def _conv_backward(ctx, dyf, dyb):
         dyf = torch.zeros_like(x)
     if dyb is None:
         dyb = torch.zeros_like(x)
-    dx, dwf, dbf, dwb, dbb = conv_bwd(dyf, dyb, x, wf, bf, wb, bb)
+    dx, dwf, dbf, dwb, dbb = (conv_bwd if _traced(x) else _conv_bwd_impl)(dyf, dyb, x, wf, bf, wb, bb)
     return dx, dwf, dbf if bf is not None else None, dwb, dbb if bb is not None else None
 
 
 conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+class _ConvFn(torch.autograd.Function):
+    """conv1d_silu_fwd with autograd in eager mode (the launchers called directly; see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, wf, bf, wb, bb):
+        ctx.save_for_backward(x, wf, bf, wb, bb)
+        return _conv_fwd_impl(x, wf, bf, wb, bb)
+
+    @staticmethod
+    def backward(ctx, dyf, dyb):
+        return _conv_backward(ctx, dyf, dyb)
 
 
 def bidirectional_conv1d_silu_triton(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd):
@@ -519,4 +583,7 @@ def bidirectional_conv1d_silu_triton(x, weight_fwd, bias_fwd, weight_bwd, bias_b
         y_bwd = F.conv1d(xt, weight_bwd.flip(-1)[:, None], bias_bwd, padding=width - 1,
                          groups=channels)[..., width - 1:]
         return F.silu(y_fwd).transpose(1, 2), F.silu(y_bwd).transpose(1, 2)
-    return conv_fwd(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd)
+    args = (x, weight_fwd, bias_fwd, weight_bwd, bias_bwd)
+    if _traced(x):
+        return conv_fwd(*args)
+    return _ConvFn.apply(*args) if _needs_grad(*args) else _conv_fwd_impl(*args)

@@ -90,11 +90,9 @@ def _sigmoid(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _prep_kernel(k_ptr, q_ptr, rec_ptr, skb, skt, skn, sqb, sqt, sqn, L, NROW,
-                 N: tl.constexpr, BT: tl.constexpr, REC_W: tl.constexpr, PADT: tl.constexpr):
-    """rec[b, PADT + t] = [k, q, kappa - k^2 (summed without cancellation), kappa] in fp32; zero pad rows."""
-    pid = tl.program_id(0)
-    tok = pid * BT + tl.arange(0, BT)          # row of the padded [B, L + 2 PADT] record
+def _prep_rows(k_ptr, q_ptr, rec_ptr, skb, skt, skn, sqb, sqt, sqn, L, NROW,
+               N: tl.constexpr, BT: tl.constexpr, REC_W: tl.constexpr, PADT: tl.constexpr):
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)          # row of the padded [B, L + 2 PADT] record
     tmask = tok < NROW
     b = tok // (L + 2 * PADT)
     t = tok - b * (L + 2 * PADT) - PADT
@@ -112,6 +110,19 @@ def _prep_kernel(k_ptr, q_ptr, rec_ptr, skb, skt, skn, sqb, sqt, sqn, L, NROW,
     tl.store(base + N, q, mask=tmask[:, None])
     tl.store(base + 2 * N, kmk2, mask=tmask[:, None])
     tl.store(rec_ptr + tok * REC_W + 3 * N, kappa, mask=tmask)
+
+
+@triton.jit
+def _prep_kernel(ka_ptr, qa_ptr, kb_ptr, qb_ptr, rec_ptr, skab, skat, skan, sqab, sqat, sqan,
+                 skbb, skbt, skbn, sqbb, sqbt, sqbn, L, NROW,
+                 N: tl.constexpr, BT: tl.constexpr, REC_W: tl.constexpr, PADT: tl.constexpr):
+    """rec[dir, b, PADT + t] = [k, q, kappa - k^2 (summed without cancellation), kappa] in fp32, zero pad rows;
+    program_id(1) is the direction (a: k_a, q_a; b: k_b, q_b), both packed by one launch."""
+    if tl.program_id(1) == 0:
+        _prep_rows(ka_ptr, qa_ptr, rec_ptr, skab, skat, skan, sqab, sqat, sqan, L, NROW, N, BT, REC_W, PADT)
+    else:
+        _prep_rows(kb_ptr, qb_ptr, rec_ptr + NROW * REC_W, skbb, skbt, skbn, sqbb, sqbt, sqbn, L, NROW,
+                   N, BT, REC_W, PADT)
 
 
 @triton.jit
@@ -972,3 +983,58 @@ def _scan_bwd_kernel(
     tl.store(dpar_b, acc_db, mask=dmask)
     if HAS_D:
         tl.store(dpar_b + E, acc_dD, mask=dmask)
+
+
+@triton.jit
+def _grad_sums_kernel(dkq_ptr, dpar_ptr, dka_ptr, dqa_ptr, dba_ptr, dDa_ptr, dkb_ptr, dqb_ptr, dbb_ptr, dDb_ptr,
+                      NPART, NROW, NPAR, E, NTP,
+                      N: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, RB: tl.constexpr,
+                      HAS_DA: tl.constexpr, HAS_DB: tl.constexpr):
+    """The backward's deterministic sums, cast to the gradients' dtypes, in one launch: dk, dq of every token over
+    the NPART channel-block partials of dkq [ndir, NPART, NROW, 2N] (programs 0 .. NTP-1, BT tokens each), dbias
+    and dD over the NPAR rows of dpar [ndir, NPAR, 2, E] (the other programs, BE channels each); program_id(1)
+    is the direction. Partials are added in a fixed order."""
+    pid = tl.program_id(0)
+    dr = tl.program_id(1).to(tl.int64)
+    if pid < NTP:
+        rows = pid.to(tl.int64) * BT + tl.arange(0, BT)
+        n = tl.arange(0, N)
+        m = (rows < NROW)[:, None]
+        off = rows[:, None] * (2 * N) + n[None, :]
+        base = dkq_ptr + dr * NPART * NROW * (2 * N)
+        acc_k = tl.zeros([BT, N], tl.float32)
+        acc_q = tl.zeros([BT, N], tl.float32)
+        for p in range(NPART):
+            pp = base + p * NROW * (2 * N) + off
+            acc_k += tl.load(pp, mask=m, other=0.0)
+            acc_q += tl.load(pp + N, mask=m, other=0.0)
+        out = rows[:, None] * N + n[None, :]
+        if dr == 0:
+            tl.store(dka_ptr + out, acc_k.to(dka_ptr.dtype.element_ty), mask=m)
+            tl.store(dqa_ptr + out, acc_q.to(dqa_ptr.dtype.element_ty), mask=m)
+        else:
+            tl.store(dkb_ptr + out, acc_k.to(dkb_ptr.dtype.element_ty), mask=m)
+            tl.store(dqb_ptr + out, acc_q.to(dqb_ptr.dtype.element_ty), mask=m)
+    else:
+        c = (pid - NTP) * BE + tl.arange(0, BE)
+        cm = c < E
+        r = tl.arange(0, RB)
+        base = dpar_ptr + dr * NPAR * (2 * E)
+        acc_b = tl.zeros([RB, BE], tl.float32)
+        acc_d = tl.zeros([RB, BE], tl.float32)
+        for r0 in range(0, NPAR, RB):
+            rr = r0 + r
+            mm = (rr < NPAR)[:, None] & cm[None, :]
+            pp = base + rr[:, None] * (2 * E) + c[None, :]
+            acc_b += tl.load(pp, mask=mm, other=0.0)
+            acc_d += tl.load(pp + E, mask=mm, other=0.0)
+        db = tl.sum(acc_b, axis=0)
+        dD = tl.sum(acc_d, axis=0)
+        if dr == 0:
+            tl.store(dba_ptr + c, db.to(dba_ptr.dtype.element_ty), mask=cm)
+            if HAS_DA:
+                tl.store(dDa_ptr + c, dD.to(dDa_ptr.dtype.element_ty), mask=cm)
+        else:
+            tl.store(dbb_ptr + c, db.to(dbb_ptr.dtype.element_ty), mask=cm)
+            if HAS_DB:
+                tl.store(dDb_ptr + c, dD.to(dDb_ptr.dtype.element_ty), mask=cm)

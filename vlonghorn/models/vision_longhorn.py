@@ -119,6 +119,37 @@ class LonghornMixer(nn.Module):
         return self.out_proj(y)
 
 
+class _RecomputeBranch(torch.autograd.Function):
+    """y = block._branch(x) for training in eager mode on the Triton path, keeping for the backward only x and the
+    scan's outputs: the forward runs without grad (no autograd graph, nothing saved), the backward runs the branch
+    again with grad (the scan's outputs handed back, no scan launch) and differentiates it. The block's parameters
+    are inputs so that their gradients are returned, not accumulated inside the backward (torch.autograd.grad and
+    DDP hooks see them as usual). The branch holds no randomness, so no RNG state is kept."""
+
+    @staticmethod
+    def forward(ctx, block, x, *params):
+        from vlonghorn.kernels import ScanOutputs, keep_scan_outputs
+        ctx.block, ctx.store = block, ScanOutputs()
+        dev = x.device.type
+        ctx.autocast = dict(device_type=dev, enabled=torch.is_autocast_enabled(dev),
+                            dtype=torch.get_autocast_dtype(dev), cache_enabled=torch.is_autocast_cache_enabled())
+        with keep_scan_outputs(ctx.store):
+            y = block._branch(x)
+        ctx.save_for_backward(x, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from vlonghorn.kernels import keep_scan_outputs
+        x, *params = ctx.saved_tensors
+        with torch.enable_grad(), torch.autocast(**ctx.autocast), keep_scan_outputs(ctx.store):
+            x_in = x.detach().requires_grad_(ctx.needs_input_grad[1])
+            y = ctx.block._branch(x_in)
+        wanted = [t for t, need in zip([x_in] + params, ctx.needs_input_grad[1:]) if need]
+        grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True))
+        return (None,) + tuple(next(grads) if need else None for need in ctx.needs_input_grad[1:])
+
+
 def _keep_scan_outputs():
     # selective recompute under torch.compile: the scan's outputs (its result, y_pre, checkpoints, records) are
     # kept, every other op of the branch runs again in the backward
@@ -155,11 +186,6 @@ class Block(nn.Module):
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.mixer(self.norm(x))
 
-    def _branch_keeping_scan(self, x: torch.Tensor, store) -> torch.Tensor:
-        from vlonghorn.kernels import keep_scan_outputs
-        with keep_scan_outputs(store):
-            return self._branch(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (an FX-traced graph takes the plain branch: the choice depends on the tensor's device)
         if (self.recompute_mixer and not self.in_checkpoint and torch.is_grad_enabled()
@@ -170,11 +196,10 @@ class Block(nn.Module):
                 y = torch.utils.checkpoint.checkpoint(self._branch, x, use_reentrant=False,
                                                       context_fn=_keep_scan_outputs)
             else:
-                # eager: the same policy would put a Python dispatch mode under every op of every step (it cost
-                # a third of the training speed at 224 px); the kernels' ScanOutputs keep the scan's outputs
-                from vlonghorn.kernels import ScanOutputs
-                y = torch.utils.checkpoint.checkpoint(self._branch_keeping_scan, x, ScanOutputs(),
-                                                      use_reentrant=False)
+                # eager: the same policy would put a Python dispatch mode under every op of every step (it cost a
+                # third of the training speed at 224 px), and torch.utils.checkpoint's per-tensor hooks cost
+                # about as much host time as the branch itself
+                y = _RecomputeBranch.apply(self, x, *self.norm.parameters(), *self.mixer.parameters())
         else:
             y = self._branch(x)
         return x + self.drop_path(y)
