@@ -196,3 +196,27 @@ def _conv_bwd_kernel(x_ptr, dyf_ptr, dyb_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, dx
     tl.store(dw_b + 7 * E, gwb3, mask=dmask)
     tl.store(dw_b + 8 * E, gbf, mask=dmask)
     tl.store(dw_b + 9 * E, gbb, mask=dmask)
+
+
+@triton.jit
+def _conv_wsum_kernel(dw_ptr, dwf_ptr, dbf_ptr, dwb_ptr, dbb_ptr, NPAR, E, BC: tl.constexpr, RB: tl.constexpr,
+                      HAS_BF: tl.constexpr, HAS_BB: tl.constexpr):
+    """Sum of the backward's per-program partials dw [NPAR, 10, E] (in a fixed order), written as the parameter
+    gradients in their dtypes: dwf, dwb (E, 4) from rows 0-3 / 4-7, dbf, dbb (E,) from rows 8 / 9."""
+    c = tl.program_id(0) * BC + tl.arange(0, BC)          # column of the [10, E] partial
+    cm = c < 10 * E
+    r = tl.arange(0, RB)
+    acc = tl.zeros([RB, BC], tl.float32)
+    for r0 in range(0, NPAR, RB):
+        rr = r0 + r
+        acc += tl.load(dw_ptr + rr[:, None].to(tl.int64) * (10 * E) + c[None, :],
+                       mask=(rr < NPAR)[:, None] & cm[None, :], other=0.0)
+    s = tl.sum(acc, axis=0)
+    j = c // E
+    e = c - j * E
+    tl.store(dwf_ptr + e * 4 + j, s.to(dwf_ptr.dtype.element_ty), mask=cm & (j < 4))
+    tl.store(dwb_ptr + e * 4 + (j - 4), s.to(dwb_ptr.dtype.element_ty), mask=cm & (j >= 4) & (j < 8))
+    if HAS_BF:
+        tl.store(dbf_ptr + e, s.to(dbf_ptr.dtype.element_ty), mask=cm & (j == 8))
+    if HAS_BB:
+        tl.store(dbb_ptr + e, s.to(dbb_ptr.dtype.element_ty), mask=cm & (j == 9))

@@ -24,7 +24,7 @@ import triton
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .conv import _conv_bwd_kernel, _conv_fwd_kernel
+from .conv import _conv_bwd_kernel, _conv_fwd_kernel, _conv_wsum_kernel
 from .scan import (PAD, REC, _adjoint_chunk_kernel, _grad_sums_kernel, _prep_kernel, _scan_bwd_kernel,
                    _scan_chunk_kernel, _scan_combine_kernel, _scan_fwd_kernel)
 
@@ -510,12 +510,15 @@ def _conv_bwd_impl(dyf, dyb, x, wf, bf, wb, bb):
         x, dyf, dyb, wf, bf if bf is not None else wf, wb, bb if bb is not None else wb, dx, dw,
         x.stride(0), x.stride(1), dyf.stride(0), dyf.stride(1), dyb.stride(0), dyb.stride(1), L, E, ch,
         BD=bd, HAS_BF=bf is not None, HAS_BB=bb is not None, FAST=_FAST, num_warps=CONFIG["conv_warps"])
-    dw = dw.sum(0)
-    # contiguous (E, W) results, as the fake implementation promises
-    return (dx, dw[0:4].t().to(wf.dtype).contiguous(),
-            dw[8].to(bf.dtype, copy=True) if bf is not None else _empty(x),
-            dw[4:8].t().to(wb.dtype).contiguous(),
-            dw[9].to(bb.dtype, copy=True) if bb is not None else _empty(x))
+    # the partials' sum (one launch) into contiguous (E, W) / (E,) gradients, as the fake implementation promises
+    dwf, dwb = torch.empty(E, 4, device=x.device, dtype=wf.dtype), torch.empty(E, 4, device=x.device, dtype=wb.dtype)
+    dbf = torch.empty(E, device=x.device, dtype=bf.dtype) if bf is not None else _empty(x)
+    dbb = torch.empty(E, device=x.device, dtype=bb.dtype) if bb is not None else _empty(x)
+    bc = 32   # narrow column blocks: enough programs to stream B x chunks partial rows at long sequences
+    _conv_wsum_kernel[(triton.cdiv(10 * E, bc),)](dw, dwf, dbf if bf is not None else dwf, dwb,
+                                                  dbb if bb is not None else dwb, B * nch, E, BC=bc, RB=64,
+                                                  HAS_BF=bf is not None, HAS_BB=bb is not None, num_warps=4)
+    return dx, dwf, dbf, dwb, dbb
 
 
 @torch.library.custom_op("vlonghorn::conv1d_silu_fwd", mutates_args=())

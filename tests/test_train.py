@@ -233,6 +233,26 @@ def test_eval_only_and_finetune_new_head_and_resolution(digits_run, small_digits
 
 # ---------------------------------------------------------------------------------------------------- never lose work
 
+def test_compiled_training_resumes_and_exports_plain_weights(small_digits, tmp_path):
+    """--compile (aot_eager here: the tracing without a C++ toolchain): trains, resumes, and writes checkpoints and
+    exported weights with the plain model's keys."""
+    import timm
+    import vlonghorn  # noqa: F401  (registers the models)
+    args = ("--data-dir", small_digits, "--output", tmp_path, "--experiment", "compiled", "--epochs", "2",
+            "--compile", "aot_eager")
+    proc = run_train(*args, "--stop-after-epochs", "1")
+    assert "under torch.compile (backend aot_eager)" in proc.stdout + proc.stderr
+    run_train(*args, "--resume", "auto")
+    rows = read_summary(tmp_path / "compiled")
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["eval_top1"] > 0 for r in rows)
+    plain = timm.create_model("vlonghorn_tiny", num_classes=10, **TINY_KWARGS).state_dict().keys()
+    for weights in ("last/model.safetensors", "best/model.safetensors", "checkpoints/latest"):
+        path = tmp_path / "compiled" / weights
+        if path.name == "latest":
+            path = path.parent / path.read_text().strip() / "model.safetensors"
+        assert load_file(str(path)).keys() == plain, weights
+
+
 def test_resume_at_epoch_boundary_matches_uninterrupted(reference_run, small_digits):
     out = reference_run.parent
     run_train("--data-dir", small_digits, "--output", out, "--experiment", "epoch_stop", *RESUME_ARGS,
