@@ -241,7 +241,7 @@ def test_compiled_training_resumes_and_exports_plain_weights(small_digits, tmp_p
     args = ("--data-dir", small_digits, "--output", tmp_path, "--experiment", "compiled", "--epochs", "2",
             "--compile", "aot_eager")
     proc = run_train(*args, "--stop-after-epochs", "1")
-    assert "under torch.compile (backend aot_eager)" in proc.stdout + proc.stderr
+    assert "under torch.compile (backend aot_eager, mode default)" in proc.stdout + proc.stderr
     run_train(*args, "--resume", "auto")
     rows = read_summary(tmp_path / "compiled")
     assert [r["epoch"] for r in rows] == [0, 1] and all(r["eval_top1"] > 0 for r in rows)
