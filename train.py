@@ -641,6 +641,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume auto to continue that run, or choose "
                          f"another --experiment / --output")
 
+    dynamo_plugin = None
+    if args.compile:
+        try:
+            dynamo_plugin = TorchDynamoPlugin(backend=args.compile.upper(), mode=args.compile_mode)
+        except ValueError as e:
+            raise SystemExit(f"--compile {args.compile}: not a torch.compile backend accelerate knows ({e})")
+    elif args.compile_mode:
+        raise SystemExit("--compile-mode needs --compile")
+
     mixed_precision = args.mixed_precision
     if mixed_precision == "auto":
         if "ACCELERATE_MIXED_PRECISION" in os.environ:
@@ -652,7 +661,7 @@ def main(argv: list[str] | None = None) -> dict:
         cpu=args.cpu, mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum_steps,
                                                                 sync_with_dataloader=False),
-        dynamo_plugin=TorchDynamoPlugin(backend=args.compile.upper(), mode=args.compile_mode) if args.compile else None,
+        dynamo_plugin=dynamo_plugin,
         log_with=None if args.eval_only else "tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
     if accelerator.is_main_process:

@@ -1001,11 +1001,12 @@ def _grad_sums_kernel(dkq_ptr, dpar_ptr, dka_ptr, dqa_ptr, dba_ptr, dDa_ptr, dkb
         n = tl.arange(0, N)
         m = (rows < NROW)[:, None]
         off = rows[:, None] * (2 * N) + n[None, :]
-        base = dkq_ptr + dr * NPART * NROW * (2 * N)
+        part = NROW.to(tl.int64) * (2 * N)                  # one partial's [NROW, 2N] (can exceed 2^31 words)
+        base = dkq_ptr + dr * NPART * part
         acc_k = tl.zeros([BT, N], tl.float32)
         acc_q = tl.zeros([BT, N], tl.float32)
         for p in range(NPART):
-            pp = base + p * NROW * (2 * N) + off
+            pp = base + p * part + off
             acc_k += tl.load(pp, mask=m, other=0.0)
             acc_q += tl.load(pp + N, mask=m, other=0.0)
         out = rows[:, None] * N + n[None, :]
