@@ -1001,7 +1001,7 @@ def _grad_sums_kernel(dkq_ptr, dpar_ptr, dka_ptr, dqa_ptr, dba_ptr, dDa_ptr, dkb
         n = tl.arange(0, N)
         m = (rows < NROW)[:, None]
         off = rows[:, None] * (2 * N) + n[None, :]
-        part = NROW.to(tl.int64) * (2 * N)                  # one partial's [NROW, 2N] (can exceed 2^31 words)
+        part = tl.cast(NROW, tl.int64) * (2 * N)   # words per [NROW, 2N] partial (int64: NPART of them can pass 2^31)
         base = dkq_ptr + dr * NPART * part
         acc_k = tl.zeros([BT, N], tl.float32)
         acc_q = tl.zeros([BT, N], tl.float32)
