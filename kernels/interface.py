@@ -259,21 +259,20 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
         BIDIR=bidir, REVERSE=bool(reverse),
         HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter, SEG=nseg > 1,
         num_warps=CONFIG["bwd_warps"])
-    # dk, dq, dbias, dD: deterministic sums of the partials (one launch); every returned tensor is its own allocation
-    res = []
-    for dx, ddt, bias, D in ((dxa, ddta, bias_a, Da), (dxb, ddtb, bias_b, Db))[:ndir]:
-        res += [dx, ddt, torch.empty(B, L, N, device=dev, dtype=k_dtype),
-                torch.empty(B, L, N, device=dev, dtype=q_dtype), torch.empty(E, device=dev, dtype=bias.dtype),
-                torch.empty(E, device=dev, dtype=D.dtype) if D is not None else _empty(xa)]
-    if not bidir:
-        res += [_empty(xa) for _ in range(6)]
-    b_res = res[6:] if bidir else res
+    # dk, dq, dbias, dD of each direction: deterministic sums of the partials (one launch); every returned tensor
+    # is its own allocation
+    sums = [[torch.empty(B, L, N, device=dev, dtype=k_dtype), torch.empty(B, L, N, device=dev, dtype=q_dtype),
+             torch.empty(E, device=dev, dtype=bias.dtype), torch.empty(E, device=dev, dtype=D.dtype) if D is not None
+             else _empty(xa)] for bias, D in ((bias_a, Da), (bias_b, Db))[:ndir]]
+    sa, sb = sums[0], sums[-1]          # one direction: the b slots repeat a's and are never written
+    has_da, has_db = Da is not None, (Db if bidir else Da) is not None
     bt, be = 64, 128
     ntp = triton.cdiv(B * L, bt)
     _grad_sums_kernel[(ntp + triton.cdiv(E, be), ndir)](
-        dkq, dpar, res[2], res[3], res[4], res[5] if Da is not None else res[4], b_res[2], b_res[3], b_res[4],
-        b_res[5] if (bidir and Db is not None) else b_res[4], nparts, B * L, B * nseg, E, ntp,
-        N=N, BT=bt, BE=be, RB=32, HAS_DA=Da is not None, HAS_DB=bidir and Db is not None, num_warps=4)
+        dkq, dpar, *sa[:3], sa[3] if has_da else sa[2], *sb[:3], sb[3] if has_db else sb[2], nparts, B * L,
+        B * nseg, E, ntp, N=N, BT=bt, BE=be, RB=32, HAS_DA=has_da, HAS_DB=has_db, num_warps=4)
+    res = [t for dx, ddt, s in zip((dxa, dxb), (ddta, ddtb), sums) for t in (dx, ddt, *s)]
+    res += [_empty(xa) for _ in range(6 * (2 - ndir))]
     res.append(dz if dz is not None else _empty(xa))
     return tuple(res)
 
@@ -362,41 +361,37 @@ scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
 
 class _ScanFn(torch.autograd.Function):
     """scan_fwd with autograd in eager mode: the launcher called directly, the same saved tensors and backward as
-    the op's autograd formula. `store` (a ScanOutputs or None) receives the outputs of the first run of a
-    recompute region."""
+    the op's autograd formula."""
 
     @staticmethod
-    def forward(ctx, store, *inputs):
+    def forward(ctx, *inputs):
         outputs = _scan_fwd_impl(*inputs)
         _scan_setup(ctx, inputs, outputs)
-        if store is not None:
-            store.kept.append(tuple(t.detach() for t in outputs))
         return outputs[0]
 
     @staticmethod
     def backward(ctx, g_out):
-        return (None,) + _scan_backward(ctx, g_out, None, None, None)
+        return _scan_backward(ctx, g_out, None, None, None)
 
 
 def _scan(args, grad):
     """The scan's output for scan_fwd's arguments (without `save`; `grad`: differentiable), on the op or (eager)
-    the launcher. Inside a recompute region (keep_scan_outputs) the first run keeps the training outputs, with or
-    without grad, and the second run hands them back."""
+    the launcher. Inside a recompute region (keep_scan_outputs) the first run, without grad, keeps the training
+    outputs, and the second run hands them back."""
     store = _REGIONS.stack[-1] if _REGIONS.stack else None
-    if store is not None and store.recorded:
-        store.next += 1
-        return _ScanReplay.apply(store.kept[store.next - 1], *args)
-    save = grad or store is not None
-    if _traced(args[0]):
-        outputs = scan_fwd(*args, save)
-        if store is not None:
-            store.kept.append(tuple(t.detach() for t in outputs))
-        return outputs[0]
-    if grad:
-        return _ScanFn.apply(store, *args, True)
-    outputs = _scan_fwd_impl(*args, save)
     if store is not None:
-        store.kept.append(outputs)
+        if store.recorded:
+            store.next += 1
+            return _ScanReplay.apply(store.kept[store.next - 1], *args)
+        if grad:
+            raise RuntimeError("keep_scan_outputs: the first run of a region must run without grad (the region "
+                               "is differentiated when it runs again)")
+    traced = _traced(args[0])
+    if grad and not traced:
+        return _ScanFn.apply(*args, True)
+    outputs = (scan_fwd if traced else _scan_fwd_impl)(*args, grad or store is not None)
+    if store is not None:
+        store.kept.append(tuple(t.detach() for t in outputs))
     return outputs[0]
 
 
@@ -456,10 +451,10 @@ _REGIONS = _Regions()
 
 @contextlib.contextmanager
 def keep_scan_outputs(store: ScanOutputs):
-    """Run a region whose forward is run again in the backward: the first time, every scan keeps its training
-    outputs (output, y_pre, checkpoints, records) in `store`, also when run without grad; when the region runs
-    again, each scan returns what it kept (no kernel launch) through an autograd node over the recomputed inputs,
-    so that only the scan's outputs live between forward and backward while its inputs are recomputed."""
+    """Run a region whose forward is run again, with grad, in the backward: the first time (without grad) every
+    scan keeps its training outputs (output, y_pre, checkpoints, records) in `store`; when the region runs again,
+    each scan returns what it kept (no kernel launch) through an autograd node over the recomputed inputs, so that
+    only the scan's outputs live between forward and backward while its inputs are recomputed."""
     store.next = 0
     _REGIONS.stack.append(store)
     try:

@@ -442,6 +442,25 @@ def test_eager_calls_skip_the_custom_ops(config):
         assert torch.equal(a, b), f"gradient {i} differs"
 
 
+def test_keep_scan_outputs_region_runs_first_without_grad(config, monkeypatch):
+    """A recompute region keeps the scan's outputs on its first, gradient-free run and hands them back (no scan
+    launch) on the second; a first run with grad, whose graph nothing would keep, is refused with a clear error."""
+    from vlonghorn.kernels import ScanOutputs, interface, keep_scan_outputs
+    x, z, conv_params, scan_params = _mixer_inputs(1, 9, 40, seed=9)
+    store = ScanOutputs()
+    with torch.no_grad(), keep_scan_outputs(store):
+        y0 = _mixer(x, z, conv_params, scan_params)
+    assert len(store.kept) == 1 and store.kept[0][1].numel() > 0        # the training outputs (y_pre) were kept
+    launches = []
+    original = interface._scan_fwd_impl
+    monkeypatch.setattr(interface, "_scan_fwd_impl", lambda *a: launches.append(1) or original(*a))
+    with keep_scan_outputs(store):
+        y1 = _mixer(x, z, conv_params, scan_params)
+    assert not launches and torch.equal(y0, y1) and y1.grad_fn is not None
+    with pytest.raises(RuntimeError, match="without grad"), keep_scan_outputs(ScanOutputs()):
+        _mixer(x, z, conv_params, scan_params)
+
+
 @needs_cuda
 def test_cuda_graphs_train_like_eager(config):
     """torch.compile(mode="reduce-overhead") captures the kernels in CUDA graphs (the launchers allocate and launch
