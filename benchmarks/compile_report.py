@@ -39,7 +39,7 @@ def _signature(fn, dtypes, constexprs):
         elif name.endswith("_ptr"):
             sig[name] = dtypes.get(name, "*bf16")
         else:
-            sig[name] = "i32"
+            sig[name] = dtypes.get(name, "i32")
     return sig
 
 
@@ -98,13 +98,16 @@ def main():
     ap.add_argument("--only", default=None, help="compile only kernels whose name contains this")
     ap.add_argument("--loops", action="store_true", help="instruction counts of every loop body")
     ap.add_argument("--bwd-maxnreg", type=int, default=None,
-                    help="register cap for the backward (ptxas spills past it)")
+                    help="register cap for the backward kernels (ptxas spills past it); without it the "
+                         "reconstructing backward gets its launch cap (CONFIG bwd_recon_maxnreg)")
     args = ap.parse_args()
     cfg = dict(interface.CONFIG)
     cfg.update(json.loads(args.config))
     f32 = {n: "*fp32" for n in ("rec_ptr", "ck_ptr", "h0_ptr", "sum_ptr", "csum_ptr", "scr_ptr", "dkq_ptr", "dpar_ptr",
                                 "bias_a_ptr", "bias_b_ptr", "Da_ptr", "Db_ptr", "dw_ptr")}
-    common = dict(N=16, REC_W=REC, PADT=PAD, HAS_D=True, HAS_Z=True, FAST=True, WIN=False, SEG=False)
+    f32.update(flag_ptr="*i32", TOL="fp32")
+    common = dict(N=16, REC_W=REC, PADT=PAD, HAS_D=True, HAS_Z=True, FAST=True, WIN=False, SEG=False, RECON=False,
+                  FALLBACK=False)
     rf = cfg["fwd_bd"] // (32 * cfg["fwd_warps"])
     jobs = [
         ("scan_fwd_infer", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"], CK=cfg["ck"],
@@ -132,6 +135,10 @@ def main():
                                             TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
                                             BIDIR=True, REVERSE=False, SCATTER=True),
          cfg["bwd_warps"]),
+        ("scan_bwd_recon", _scan_bwd_kernel, dict(common, BD=cfg["bwd_bd"], W=cfg["bwd_warps"], CK=cfg["ck"],
+                                                  TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
+                                                  BIDIR=True, REVERSE=False, SCATTER=True, RECON=True),
+         cfg["bwd_warps"]),
         ("scan_bwd_seg", _scan_bwd_kernel, dict(common, BD=cfg["bwd_bd"], W=cfg["bwd_warps"], CK=cfg["ck"],
                                                 TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
                                                 BIDIR=True, REVERSE=False, SCATTER=True, SEG=True),
@@ -150,8 +157,10 @@ def main():
         if args.only and args.only not in name:
             continue
         cx = {k: v for k, v in cx.items() if k in fn.arg_names}
-        regs, sst, sld, ops, sass = compile_one(fn, cx, f32, warps,
-                                                args.bwd_maxnreg if name == "scan_bwd" else None)
+        cap = args.bwd_maxnreg if name.startswith("scan_bwd") else None
+        if name == "scan_bwd_recon" and not cap:
+            cap = cfg["bwd_recon_maxnreg"] or None        # the launch's own cap
+        regs, sst, sld, ops, sass = compile_one(fn, cx, f32, warps, cap)
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(14))
         print(f"{name:15s} regs {regs:3d} spill st/ld {sst}/{sld} B  SASS {sum(ops.values())} instr: {top}")
         if args.loops:

@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .conv import _conv_bwd_kernel, _conv_fwd_kernel, _conv_wsum_kernel
-from .scan import (PAD, REC, _adjoint_chunk_kernel, _grad_sums_kernel, _prep_kernel, _scan_bwd_kernel,
-                   _scan_chunk_kernel, _scan_combine_kernel, _scan_fwd_kernel)
+from .scan import (PAD, REC, _adjoint_chunk_kernel, _grad_sums_kernel, _prep_kernel, _recon_stats_kernel,
+                   _scan_bwd_kernel, _scan_chunk_kernel, _scan_combine_kernel, _scan_fwd_kernel)
 
 __all__ = ["longhorn_scan_triton", "bidirectional_longhorn_scan_triton", "bidirectional_conv1d_silu_triton",
            "CONFIG", "ScanOutputs", "keep_scan_outputs"]
@@ -50,10 +50,23 @@ CONFIG = {
     "fwd_chunk": 0, "fwd_resident": 12, "fwd_chunk_split": 3, "fwd_chunk_waves": 2, "fwd_chunk_min": 256,
     "chunk_bd": 64, "chunk_warps": 1,
     # Segmented backward, the same idea: bwd_seg checkpoint windows per segment (0: segments only if batch x
-    # channel blocks x directions <= bwd_seg_cap x SMs x bwd_resident (the backward's resident programs at 227
-    # registers), into about bwd_seg_waves x that many programs of at least bwd_seg_min windows; a number forces
-    # it).
-    "bwd_seg": 0, "bwd_resident": 8, "bwd_seg_cap": 2, "bwd_seg_waves": 8, "bwd_seg_min": 4,
+    # channel blocks x directions <= bwd_seg_cap x SMs x bwd_resident (the exact backward's resident programs at
+    # 227 registers), into about bwd_seg_waves x that many programs of at least bwd_seg_min windows; a number
+    # forces it). The segments run the exact backward; since the unsegmented one reconstructs (below) the cap is 1
+    # (H100, bf16: B=32, L=1025 (1536 programs) 2.76 ms unsegmented vs 3.91 segmented; B=16, L=4097 (768) 9.34
+    # vs 7.12 ms; NOTES_kernels.md item 34).
+    "bwd_seg": 0, "bwd_resident": 8, "bwd_seg_cap": 1, "bwd_seg_waves": 8, "bwd_seg_min": 4,
+    # bwd_recon: for bf16 / fp16 inputs the backward reconstructs the states against the scan order instead of
+    # recomputing them (no sweep, no tiles, no scratch traffic; 1.76x the exact backward on an H100), checked
+    # against every checkpoint: programs whose reconstruction drifted by more than bwd_recon_tol (relative) are
+    # redone exactly by a second launch. Its speed depends on the weights (strong writes make it drift);
+    # NOTES_kernels.md item 34.
+    # bwd_recon_maxnreg: a register cap for that launch (0: none; 168 gives 12 warps per SM without spills). The
+    # running share of redone programs (per device, over calls, weight bwd_recon_decay per call) decides: at or
+    # above bwd_recon_share the reconstruction steps aside (it pays while fewer than ~44% of the programs are
+    # redone on an H100) except every bwd_recon_probe-th call, which measures again.
+    "bwd_recon": True, "bwd_recon_tol": 1e-4, "bwd_recon_maxnreg": 168,
+    "bwd_recon_share": 0.4, "bwd_recon_probe": 64, "bwd_recon_decay": 0.05,
 }
 if os.environ.get("VLONGHORN_KERNEL_CONFIG"):  # e.g. the launch configuration a benchmark sweep chose
     import json
@@ -200,6 +213,33 @@ def _scan_fwd_impl(xa, dta, ka, qa, bias_a, Da, xb, dtb, kb, qb, bias_b, Db, z, 
     return out, ypre, ck, rec
 
 
+# Set RECON_FLAGS["record"] to keep the flags of each reconstructing backward in RECON_FLAGS["last"] (one int32 per
+# program: 1 where it was redone exactly; None after a backward that did not reconstruct): for tests and
+# benchmarks. Off by default: a kept tensor allocated inside a CUDA graph's memory pool would break the graph.
+RECON_FLAGS = {"record": False, "last": None}
+# Per device: [running share of programs redone exactly, calls modulo 1024] (fp32, kept on the device so that
+# no call waits for the GPU and CUDA graphs replay the bookkeeping).
+RECON_STATE = {}
+
+
+def _recon_state(dev):
+    st = RECON_STATE.get(dev)
+    if st is None:
+        if dev.type == "cuda":
+            # allocated from another thread: torch.compile's CUDA graphs route this thread's allocations into
+            # their private pool while they warm up, and a tensor kept from there would break the graph
+            box = []
+            th = threading.Thread(target=lambda: box.append(torch.zeros(2, device=dev, dtype=torch.float32)))
+            th.start()
+            th.join()
+            torch.cuda.synchronize(dev)
+            st = box[0]
+        else:
+            st = torch.zeros(2, device=dev, dtype=torch.float32)
+        RECON_STATE[dev] = st
+    return st
+
+
 def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, rec, reverse, k_dtype, q_dtype, N):
     bidir = xb is not None
     B, L, E = xa.shape
@@ -224,8 +264,18 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
     nw = triton.cdiv(L, ck_every)
     sw = _seg_windows(xa, B * nblk * ndir, nw)
     nseg = triton.cdiv(nw, sw)
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    # (a CUDA graph keeps the running share that eager calls before it set up; it allocates none of its own)
+    recon = (bool(CONFIG["bwd_recon"]) and nseg == 1 and xa.dtype in (torch.bfloat16, torch.float16)
+             and not (capturing and dev not in RECON_STATE))
+    npar = 2 * B if recon else B * nseg     # with recon: the reconstructing and the exact launch's rows
     dkq = torch.empty(ndir, nparts, B, L, 2 * N, device=dev, dtype=torch.float32)
-    dpar = torch.zeros(ndir, B * nseg, 2, E, device=dev, dtype=torch.float32)
+    dpar = torch.zeros(ndir, npar, 2, E, device=dev, dtype=torch.float32)
+    flags = torch.empty(ndir * B * nblk if recon else 1, device=dev, dtype=torch.int32)
+    if RECON_FLAGS["record"]:
+        RECON_FLAGS["last"] = flags if recon else None
+    st = _recon_state(dev) if recon else flags
+    thr, probe = float(CONFIG["bwd_recon_share"]), int(CONFIG["bwd_recon_probe"])
     scratch = torch.empty(ndir * B * nseg * nblk * (ck_every // tt) * N * bd, device=dev, dtype=torch.float32)
     xb_, dtb_, bias_b_ = (xb, dtb, bias_b) if bidir else (xa, dta, bias_a)
     Db_ = Db if bidir else Da
@@ -247,18 +297,24 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
             WF=CONFIG["fwd_warps"], num_warps=1)
     else:
         csum = dpar
-    _scan_bwd_kernel[(nblk, B, ndir * nseg)](
-        grad, zz, ypre if ypre.numel() else grad, rec, ck, scratch,
-        xa, dta, xb_, dtb_, bias_a, bias_b_, Da if Da is not None else bias_a, Db_ if Db_ is not None else bias_a,
-        dxa, ddta, dxb, ddtb, dz if dz is not None else dxa, dkq, dpar,
-        grad.stride(0), grad.stride(1), zz.stride(0), zz.stride(1), xa.stride(0), xa.stride(1),
-        dta.stride(0), dta.stride(1), xb_.stride(0), xb_.stride(1), dtb_.stride(0), dtb_.stride(1),
-        L, E, B, nck, triton.cdiv(E, bdf), csum, nseg, sw, ep,
-        N=N, BD=bd, W=CONFIG["bwd_warps"], CK=ck_every, TT=tt,
-        REC_W=REC, PADT=PAD, BDF=bdf, RF=rf, WF=CONFIG["fwd_warps"],
-        BIDIR=bidir, REVERSE=bool(reverse),
-        HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter, SEG=nseg > 1,
-        num_warps=CONFIG["bwd_warps"])
+    cap = {"maxnreg": int(CONFIG["bwd_recon_maxnreg"])} if CONFIG["bwd_recon_maxnreg"] else {}
+    for mode in ((dict(RECON=True, **cap), dict(FALLBACK=True)) if recon else (dict(),)):
+        _scan_bwd_kernel[(nblk, B, ndir * nseg)](
+            grad, zz, ypre if ypre.numel() else grad, rec, ck, scratch,
+            xa, dta, xb_, dtb_, bias_a, bias_b_, Da if Da is not None else bias_a,
+            Db_ if Db_ is not None else bias_a, dxa, ddta, dxb, ddtb, dz if dz is not None else dxa, dkq, dpar,
+            grad.stride(0), grad.stride(1), zz.stride(0), zz.stride(1), xa.stride(0), xa.stride(1),
+            dta.stride(0), dta.stride(1), xb_.stride(0), xb_.stride(1), dtb_.stride(0), dtb_.stride(1),
+            L, E, B, nck, triton.cdiv(E, bdf), csum, nseg, sw, ep, flags, float(CONFIG["bwd_recon_tol"]), st, thr,
+            probe,
+            N=N, BD=bd, W=CONFIG["bwd_warps"], CK=ck_every, TT=tt,
+            REC_W=REC, PADT=PAD, BDF=bdf, RF=rf, WF=CONFIG["fwd_warps"],
+            BIDIR=bidir, REVERSE=bool(reverse),
+            HAS_D=Da is not None, HAS_Z=z is not None, FAST=_FAST, SCATTER=scatter, SEG=nseg > 1, **mode,
+            num_warps=CONFIG["bwd_warps"])
+    if recon:
+        _recon_stats_kernel[(1,)](flags, st, flags.numel(), thr, probe, float(CONFIG["bwd_recon_decay"]), BLK=1024,
+                                  num_warps=4)
     # dk, dq, dbias, dD of each direction: deterministic sums of the partials (one launch); every returned tensor
     # is its own allocation
     sums = [[torch.empty(B, L, N, device=dev, dtype=k_dtype), torch.empty(B, L, N, device=dev, dtype=q_dtype),
@@ -270,7 +326,7 @@ def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, 
     ntp = triton.cdiv(B * L, bt)
     _grad_sums_kernel[(ntp + triton.cdiv(E, be), ndir)](
         dkq, dpar, *sa[:3], sa[3] if has_da else sa[2], *sb[:3], sb[3] if has_db else sb[2], nparts, B * L,
-        B * nseg, E, ntp, N=N, BT=bt, BE=be, RB=32, HAS_DA=has_da, HAS_DB=has_db, num_warps=4)
+        npar, E, ntp, N=N, BT=bt, BE=be, RB=32, HAS_DA=has_da, HAS_DB=has_db, num_warps=4)
     res = [t for dx, ddt, s in zip((dxa, dxb), (ddta, ddtb), sums) for t in (dx, ddt, *s)]
     res += [_empty(xa) for _ in range(6 * (2 - ndir))]
     res.append(dz if dz is not None else _empty(xa))

@@ -18,6 +18,12 @@ TT + 1 states in registers and walks them backwards carrying the adjoint. dk/dq 
 channels (one reduce-scatter of the 2N per-channel terms) and written as per-warp partials, summed afterwards
 (deterministic, no atomics).
 
+Reconstructing backward (bf16 / fp16 inputs, the default there): the recurrence runs backwards exactly in real
+arithmetic, S_{t-1} = (S_t - c_t) / f_t, so each window can be walked back from its end state with the states
+reconstructed on the way (no sweep, no tiles, no scratch). Its error grows as the product of 1/f going back; the
+state it reaches at each window start is checked against the checkpoint, and the programs that drifted are redone
+by the exact backward (a second launch that skips the others).
+
 Small batch (too few programs to fill the GPU): the state recurrence is affine in the state, S_out = A S_in + Z
 over any run of steps, and so is the backward's adjoint carry. The sequence is then cut into chunks: one pass
 computes every chunk's (A, Z) from zero, a short sequential combine gives every chunk its entry state (in training:
@@ -33,7 +39,8 @@ PAD = 8    # zero records before and after each sequence: the backward's last ti
 
 @triton.jit
 def _rcp(x, FAST: tl.constexpr):
-    """1 / x for x >= 1 (all our denominators): one MUFU.RCP on the GPU instead of a full division."""
+    """1 / x for the positive, normal x of these kernels (denominators >= 1, decays in (0, 1]): one MUFU.RCP on
+    the GPU instead of a full division."""
     if FAST:
         return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
@@ -644,6 +651,101 @@ def _walk(dr, BIDIR: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _bwd_step(t, valid, m, x, G, zz, y, eps, rden, omb, k, q, km, S_prev, S_t, Wc, gscale, Dp, lane, dkq_w, dkq_b,
+              dz_b, dx_b, ddt_b, dmask, E, dr, zero, N: tl.constexpr, BIDIR: tl.constexpr, HAS_D: tl.constexpr,
+              HAS_Z: tl.constexpr, SCATTER: tl.constexpr, FAST: tl.constexpr):
+    """One step of the backward's walk against the scan order, at token t, from the states S_{t-1} (S_prev) and
+    S_t and the carry Wc = f_{t+1} H_{t+1}: stores dz (direction 0; y is y_pre with two directions), the step's
+    dk / dq partials, dx and ddt; returns the next carry f_t H_t, the step's dbias term and its dD term."""
+    if HAS_Z:
+        sz = _sigmoid(zz, FAST)
+        g = G * (zz * sz) * gscale
+        if dr == 0:
+            if not BIDIR:
+                y = zero
+                for n in tl.static_range(N):
+                    y += q[n] * S_t[n]
+                if HAS_D:
+                    y += Dp * x
+            dz = G * y * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(dz_b + t * E, dz.to(dz_b.dtype.element_ty), mask=m)
+    else:
+        g = G * gscale
+    sum_hk = zero
+    deps = zero
+    dk = ()
+    dq = ()
+    Wn = ()
+    for n in tl.static_range(N):
+        H = g * q[n] + Wc[n]
+        Hk = H * k[n]
+        v = x - k[n] * S_prev[n]                       # x - k S_{t-1}
+        sum_hk += Hk
+        deps += Hk * v
+        eH = eps * H
+        dk = dk + (eH * (v - k[n] * S_prev[n]),)     # eps H (x - 2 k S_{t-1})
+        dq = dq + (g * S_t[n],)
+        Wn = Wn + (rden * H + km[n] * eH,)           # f H, f = rden + eps (kappa - k^2)
+    # dk also carries -2 k[n] sum_d deps eps^2 (through kappa): folded in per channel
+    a2 = -2.0 * deps * eps * eps
+    if SCATTER:
+        # reduce-scatter over the warp of 2N = 32 rows (dk, dq): lane bits 4 and 3 pair slots 8-15 and 4-7 with
+        # the partner's copies of the same rows; then bit 2 splits dk / dq and bits 1, 0 the last two row bits
+        hk = ()
+        hq = ()
+        for r in tl.static_range(8):
+            hk = hk + (dk[r] + a2 * k[r] + _bfly(dk[r + 8] + a2 * k[r + 8], 16),)
+            hq = hq + (dq[r] + _bfly(dq[r + 8], 16),)
+        v8 = ()
+        for r in tl.static_range(4):
+            v8 = v8 + (hk[r] + _bfly(hk[r + 4], 8),)
+        for r in tl.static_range(4):
+            v8 = v8 + (hq[r] + _bfly(hq[r + 4], 8),)
+        v4 = _reduce_scatter(v8, lane, 4)
+        v2 = _reduce_scatter(v4, lane, 2)
+        v1 = _reduce_scatter(v2, lane, 1)
+        tl.store(dkq_w + t * (2 * N), v1[0], mask=valid)
+    else:
+        for n in tl.static_range(N):
+            tl.store(dkq_b + t * (2 * N) + n, tl.sum(tl.where(dmask, dk[n] + a2 * k[n], 0.0), axis=0), mask=valid)
+            tl.store(dkq_b + t * (2 * N) + N + n, tl.sum(tl.where(dmask, dq[n], 0.0), axis=0), mask=valid)
+    dx = eps * sum_hk
+    if HAS_D:
+        dx += Dp * g
+        dD = g * x
+    else:
+        dD = zero
+    ddt = deps * eps * omb * rden                  # deps / den^2 * beta (1 - beta)
+    tl.store(dx_b + t * E, dx.to(dx_b.dtype.element_ty), mask=m)
+    tl.store(ddt_b + t * E, ddt.to(ddt_b.dtype.element_ty), mask=m)
+    return Wn, tl.where(m, ddt, 0.0), dD
+
+
+@triton.jit
+def _recon_go(st_ptr, THR, PROBE):
+    """Whether the reconstructing backward runs on this call: the running share of programs it had to hand to the
+    exact backward (st[0]) is below THR, or this is a probing call (every PROBE-th, counted in st[1])."""
+    calls = tl.load(st_ptr + 1).to(tl.int32)
+    return (tl.load(st_ptr) < THR) | (calls % PROBE == 0)
+
+
+@triton.jit
+def _recon_stats_kernel(flag_ptr, st_ptr, NF, THR, PROBE, DECAY, BLK: tl.constexpr):
+    """After a reconstructing backward: fold the share of its programs that were redone exactly into the running
+    share st[0] (only when the reconstruction ran: `_recon_go`, read before the update) and count the call in
+    st[1] (modulo 1024, a multiple of PROBE, so the fp32 count stays exact)."""
+    go = _recon_go(st_ptr, THR, PROBE)
+    acc = tl.zeros([BLK], tl.int32)
+    for i in range(0, NF, BLK):
+        o = i + tl.arange(0, BLK)
+        acc += tl.load(flag_ptr + o, mask=o < NF, other=0)
+    share = tl.sum(acc, axis=0).to(tl.float32) / NF
+    ema = tl.load(st_ptr)
+    tl.store(st_ptr, tl.where(go, ema + DECAY * (share - ema), ema))
+    tl.store(st_ptr + 1, ((tl.load(st_ptr + 1).to(tl.int32) + 1) % 1024).to(tl.float32))
+
+
+@triton.jit
 def _adjoint_chunk_kernel(
         g_ptr, z_ptr, dta_ptr, dtb_ptr, rec_ptr, sum_ptr, bias_a_ptr, bias_b_ptr,
         sg_b, sg_t, sz_b, sz_t, sdta_b, sdta_t, sdtb_b, sdtb_t,
@@ -700,11 +802,12 @@ def _scan_bwd_kernel(
         xa_ptr, dta_ptr, xb_ptr, dtb_ptr, bias_a_ptr, bias_b_ptr, Da_ptr, Db_ptr,
         dxa_ptr, ddta_ptr, dxb_ptr, ddtb_ptr, dz_ptr, dkq_ptr, dpar_ptr,
         sg_b, sg_t, sz_b, sz_t, sxa_b, sxa_t, sdta_b, sdta_t, sxb_b, sxb_t, sdtb_b, sdtb_t,
-        L, E, B, NCK, NBLKF, csum_ptr, NSEG, SW, EP,
+        L, E, B, NCK, NBLKF, csum_ptr, NSEG, SW, EP, flag_ptr, TOL, st_ptr, THR, PROBE,
         N: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, CK: tl.constexpr,
         TT: tl.constexpr, REC_W: tl.constexpr, PADT: tl.constexpr, BDF: tl.constexpr, RF: tl.constexpr,
         WF: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, HAS_D: tl.constexpr,
-        HAS_Z: tl.constexpr, FAST: tl.constexpr, SCATTER: tl.constexpr, SEG: tl.constexpr):
+        HAS_Z: tl.constexpr, FAST: tl.constexpr, SCATTER: tl.constexpr, SEG: tl.constexpr,
+        RECON: tl.constexpr = False, FALLBACK: tl.constexpr = False):
     """Exact backward of one direction per program (grid axis 2 = direction), one channel per thread.
 
     g_t = dLoss/dout_t * silu(z_t) (halved for two directions); adjoint H_t = g_t q_t + f_{t+1} H_{t+1}.
@@ -717,6 +820,15 @@ def _scan_bwd_kernel(
     SEG (small batch): program_id(2) = dr NSEG + seg, and the program takes only the SW windows of segment seg,
     starting from the adjoint carry that enters it (`_adjoint_chunk_kernel`, then the combine, in csum_ptr);
     dbias, dD partials per segment.
+    RECON (bf16 / fp16 inputs, CONFIG bwd_recon): no sweep and no tiles; each window is walked back from its end state (the next
+    window's checkpoint; the last window sweeps to its end once) with the states reconstructed on the way,
+    S_{t-1} = (S_t - c_t) / f_t. The error of that grows as the product of 1/f going back, so the state it
+    reconstructs entering each window is compared with the window's checkpoint: a program with any channel off by
+    more than TOL x that channel's largest end-state entry writes flag 1 and zero dbias / dD partials, and the
+    FALLBACK launch (this kernel, exact) redoes exactly the flagged programs, overwriting all their outputs.
+    dbias / dD partials: rows [ndir, 2B, 2, E], RECON's in the first B of each direction, FALLBACK's in the second.
+    When the running share of redone programs (st_ptr[0], kept by `_recon_stats_kernel`) reaches THR, RECON steps
+    aside (flags every program without reconstructing) except on every PROBE-th call (st_ptr[1] counts calls).
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
@@ -750,6 +862,8 @@ def _scan_bwd_kernel(
             Dp = tl.load(Da_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
         else:
             Dp = tl.load(Db_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    else:
+        Dp = bias       # unused
     rev, gscale = _walk(dr, BIDIR, REVERSE)
     g_b = g_ptr + b * sg_b + offs_d
     z_b = z_ptr + b * sz_b + offs_d
@@ -772,12 +886,15 @@ def _scan_bwd_kernel(
         hi = (lane >> 3) & 3
         row = ((lane >> 2) & 1) * N + hi * 4 + (lane & 3)
         dkq_w = dkq_ptr + (((dr * nblk + pid_d) * W + loc // 32) * B + b) * L * (2 * N) + row
+        dkq_b = dkq_ptr     # unused
         goff = ()
         for gi in tl.static_range(N // 4):
             goff = goff + (4 * (gi ^ hi),)
         hi4 = 4 * hi
     else:
         dkq_b = dkq_ptr + ((dr * nblk + pid_d) * B + b) * L * (2 * N)
+        lane = loc      # unused
+        dkq_w = dkq_b   # unused
         goff = ()
         for gi in tl.static_range(max(N // 4, 1)):
             goff = goff + (4 * gi,)
@@ -808,176 +925,203 @@ def _scan_bwd_kernel(
     else:
         w_hi = NW
         nwin = NW
-    for wi in range(nwin):
-        w = w_hi - 1 - wi
-        s0 = w * CK
-        ntile = (tl.minimum(CK, L - s0) + TT - 1) // TT
-        # 1. sweep the window from its checkpoint, storing each tile's start state; x and dt one tile ahead
-        S = ()
-        for n in tl.static_range(N):
-            S = S + (tl.load(ck_b + (w - 1) * CKS + ck_col + (n ^ hi4) * BDF, mask=dmask & (w > 0), other=0.0),)
-        nx = ()
-        ndt = ()
-        for jj in tl.static_range(TT):
-            sj = s0 + jj
-            tj = sj + rev * (L - 1 - 2 * sj)
-            nx = nx + (_ld(x_b, tj, sx_t, L, dmask),)
-            ndt = ndt + (_ld(dt_b, tj, sdt_t, L, dmask),)
-        for jt in range(ntile):
-            scr_t = scr_b + jt * (N * BD)
-            for n in tl.static_range(N):
-                tl.store(scr_t + n * BD, S[n])
-            if jt < ntile - 1:
-                X = nx
-                DT = ndt
-                nx = ()
-                ndt = ()
-                for jj in tl.static_range(TT):
-                    sj = s0 + (jt + 1) * TT + jj
-                    tj = sj + rev * (L - 1 - 2 * sj)
-                    nx = nx + (_ld(x_b, tj, sx_t, L, dmask),)
-                    ndt = ndt + (_ld(dt_b, tj, sdt_t, L, dmask),)
-                    _prefetch(rec_b + tj * REC_W + lane_rec, FAST)
-                for jj in tl.static_range(TT):
-                    sj = s0 + jt * TT + jj
-                    tj = sj + rev * (L - 1 - 2 * sj)
-                    k, _, km, kappa = _rec_rows(rec_b, tj, goff, N, REC_W, False, FAST)
-                    _, rden, eps = _coefs(DT[jj], bias, kappa, FAST)
-                    S = _advance_rows(S, X[jj], eps, rden, k, km, N)
-        # 2. tiles in reverse. The next tile's start state and per-channel inputs are prefetched into L1 one tile
-        #    ahead (register copies would cost 36 registers at the peak of the tile, where spills start).
-        for jti in range(ntile):
-            jt = ntile - 1 - jti
+    if FALLBACK:
+        nwin = tl.where(tl.load(flag_ptr + (dr * B + b) * nblk + pid_d) != 0, nwin, 0)
+    if RECON:
+        go = _recon_go(st_ptr, THR, PROBE)
+        nwin = tl.where(go, nwin, 0)
+        bad = zero != zero
+        for wi in range(nwin):
+            w = w_hi - 1 - wi
+            s0 = w * CK
+            nst = tl.minimum(CK, L - s0)
+            # the window's end state: the next window's checkpoint, or (last window) a sweep from its own
+            last = w == NW - 1
+            cidx = tl.where(last, w - 1, w)
             S = ()
             for n in tl.static_range(N):
-                S = S + (tl.load(scr_b + jt * (N * BD) + n * BD),)
-            if FAST:
-                nxt = scr_b + tl.maximum(jt - 1, 0) * (N * BD)
-                for n in tl.static_range(N):
-                    _prefetch(nxt + n * BD, FAST)
-                for jj in tl.static_range(TT):
-                    sj = s0 + (jt - 1) * TT + jj
-                    tj = tl.minimum(tl.maximum(sj + rev * (L - 1 - 2 * sj), 0), L - 1)
-                    _prefetch(rec_b + tj * REC_W + lane_rec, FAST)
-                    _prefetch(x_b + tj * sx_t, FAST)
-                    _prefetch(dt_b + tj * sdt_t, FAST)
-                    _prefetch(g_b + tj * sg_t, FAST)
-                    if HAS_Z:
-                        _prefetch(z_b + tj * sz_t, FAST)
-                        if BIDIR:
-                            _prefetch(ypre_b + tj * E, FAST)
-            # the walk-back's per-channel inputs, loaded before the recompute so that it hides their latency
-            GS = ()
-            ZS = ()
-            YS = ()
-            for jj in tl.static_range(TT):
-                s = s0 + jt * TT + jj
+                S = S + (tl.load(ck_b + cidx * CKS + ck_col + (n ^ hi4) * BDF, mask=dmask & (cidx >= 0),
+                                 other=0.0),)
+            for u in range(tl.where(last, nst, 0)):
+                s = s0 + u
                 t = s + rev * (L - 1 - 2 * s)
-                GS = GS + (_ld(g_b, t, sg_t, L, dmask),)
-                if HAS_Z:
-                    ZS = ZS + (_ld(z_b, t, sz_t, L, dmask),)
-                    if BIDIR:
-                        YS = YS + (tl.load(ypre_b + t * E, mask=dmask & (s < L) & (dr == 0),
-                                           other=0.0).to(tl.float32),)
-            # recompute the tile: states[jj] = S_{t-1} of step jj, states[jj + 1] = S_t; coefficients kept
-            states = (S,)
-            X = ()
-            co_omb = ()
-            co_rden = ()
-            co_eps = ()
-            for jj in tl.static_range(TT):
-                s = s0 + jt * TT + jj
-                t = s + rev * (L - 1 - 2 * s)
-                x = _ld(x_b, t, sx_t, L, dmask)
                 k, _, km, kappa = _rec_rows(rec_b, t, goff, N, REC_W, False, FAST)
-                omb, rden, eps = _coefs(_ld(dt_b, t, sdt_t, L, dmask), bias, kappa, FAST)
-                X = X + (x,)
-                co_omb = co_omb + (omb,)
-                co_rden = co_rden + (rden,)
-                co_eps = co_eps + (eps,)
-                S = _advance_rows(S, x, eps, rden, k, km, N)
-                states = states + (S,)
-            for jj in tl.static_range(TT - 1, -1, -1):
-                s = s0 + jt * TT + jj
-                valid = s < L
-                m = dmask & valid
+                _, rden, eps = _coefs(_ld(dt_b, t, sdt_t, L, dmask), bias, kappa, FAST)
+                S = _advance_rows(S, _ld(x_b, t, sx_t, L, dmask), eps, rden, k, km, N)
+            mag = zero
+            for n in tl.static_range(N):
+                mag = tl.maximum(mag, tl.abs(S[n]))
+            for i in range(nst):
+                s = s0 + nst - 1 - i
                 t = s + rev * (L - 1 - 2 * s)
-                x = X[jj]
-                G = GS[jj]
-                eps = co_eps[jj]
-                rden = co_rden[jj]
-                k, q, km, kappa = _rec_rows(rec_b, t, goff, N, REC_W, True, FAST)
-                S_prev = states[jj]
-                S_t = states[jj + 1]
+                if FAST:
+                    sn = tl.maximum(s - 1, 0)
+                    tn = sn + rev * (L - 1 - 2 * sn)
+                    _prefetch(rec_b + tn * REC_W + lane_rec, FAST)
+                    _prefetch(x_b + tn * sx_t, FAST)
+                    _prefetch(dt_b + tn * sdt_t, FAST)
+                    _prefetch(g_b + tn * sg_t, FAST)
+                    if HAS_Z:
+                        _prefetch(z_b + tn * sz_t, FAST)
+                        if BIDIR:
+                            _prefetch(ypre_b + tn * E, FAST)
+                x = _ld(x_b, t, sx_t, L, dmask)
+                G = _ld(g_b, t, sg_t, L, dmask)
                 if HAS_Z:
-                    zz = ZS[jj]
-                    sz = _sigmoid(zz, FAST)
-                    g = G * (zz * sz) * gscale
-                    if dr == 0:
+                    zz = _ld(z_b, t, sz_t, L, dmask)
+                    if BIDIR:
+                        y = tl.load(ypre_b + t * E, mask=dmask & (dr == 0), other=0.0).to(tl.float32)
+                    else:
+                        y = zero
+                else:
+                    zz = zero
+                    y = zero
+                k, q, km, kappa = _rec_rows(rec_b, t, goff, N, REC_W, True, FAST)
+                omb, rden, eps = _coefs(_ld(dt_b, t, sdt_t, L, dmask), bias, kappa, FAST)
+                ex = eps * x
+                S_prev = ()
+                for n in tl.static_range(N):
+                    S_prev = S_prev + ((S[n] - ex * k[n]) * _rcp(rden + eps * km[n], FAST),)
+                Wc, ddt_m, dD_t = _bwd_step(t, s < L, dmask, x, G, zz, y, eps, rden, omb, k, q, km, S_prev, S, Wc,
+                                            gscale, Dp, lane, dkq_w, dkq_b, dz_b, dx_b, ddt_b, dmask, E, dr, zero,
+                                            N, BIDIR, HAS_D, HAS_Z, SCATTER, FAST)
+                acc_db += ddt_m
+                if HAS_D:
+                    acc_dD += dD_t
+                S = S_prev
+            # S is now the reconstructed state entering the window: against its checkpoint (zero for window 0)
+            C = ()
+            for n in tl.static_range(N):
+                c = tl.load(ck_b + (w - 1) * CKS + ck_col + (n ^ hi4) * BDF, mask=dmask & (w > 0), other=0.0)
+                C = C + (c,)
+                mag = tl.maximum(mag, tl.abs(c))
+            for n in tl.static_range(N):
+                bad = bad | ~(tl.abs(S[n] - C[n]) <= TOL * mag)       # NaN or inf count as off
+        flagged = tl.where(go, tl.max(bad.to(tl.int32), axis=0), 1)
+        tl.store(flag_ptr + (dr * B + b) * nblk + pid_d, flagged)
+        acc_db = tl.where(flagged != 0, 0.0, acc_db)
+        acc_dD = tl.where(flagged != 0, 0.0, acc_dD)
+    else:
+        for wi in range(nwin):
+            w = w_hi - 1 - wi
+            s0 = w * CK
+            ntile = (tl.minimum(CK, L - s0) + TT - 1) // TT
+            # 1. sweep the window from its checkpoint, storing each tile's start state; x and dt one tile ahead
+            S = ()
+            for n in tl.static_range(N):
+                S = S + (tl.load(ck_b + (w - 1) * CKS + ck_col + (n ^ hi4) * BDF, mask=dmask & (w > 0), other=0.0),)
+            nx = ()
+            ndt = ()
+            for jj in tl.static_range(TT):
+                sj = s0 + jj
+                tj = sj + rev * (L - 1 - 2 * sj)
+                nx = nx + (_ld(x_b, tj, sx_t, L, dmask),)
+                ndt = ndt + (_ld(dt_b, tj, sdt_t, L, dmask),)
+            for jt in range(ntile):
+                scr_t = scr_b + jt * (N * BD)
+                for n in tl.static_range(N):
+                    tl.store(scr_t + n * BD, S[n])
+                if jt < ntile - 1:
+                    X = nx
+                    DT = ndt
+                    nx = ()
+                    ndt = ()
+                    for jj in tl.static_range(TT):
+                        sj = s0 + (jt + 1) * TT + jj
+                        tj = sj + rev * (L - 1 - 2 * sj)
+                        nx = nx + (_ld(x_b, tj, sx_t, L, dmask),)
+                        ndt = ndt + (_ld(dt_b, tj, sdt_t, L, dmask),)
+                        _prefetch(rec_b + tj * REC_W + lane_rec, FAST)
+                    for jj in tl.static_range(TT):
+                        sj = s0 + jt * TT + jj
+                        tj = sj + rev * (L - 1 - 2 * sj)
+                        k, _, km, kappa = _rec_rows(rec_b, tj, goff, N, REC_W, False, FAST)
+                        _, rden, eps = _coefs(DT[jj], bias, kappa, FAST)
+                        S = _advance_rows(S, X[jj], eps, rden, k, km, N)
+            # 2. tiles in reverse. The next tile's start state and per-channel inputs are prefetched into L1 one tile
+            #    ahead (register copies would cost 36 registers at the peak of the tile, where spills start).
+            for jti in range(ntile):
+                jt = ntile - 1 - jti
+                S = ()
+                for n in tl.static_range(N):
+                    S = S + (tl.load(scr_b + jt * (N * BD) + n * BD),)
+                if FAST:
+                    nxt = scr_b + tl.maximum(jt - 1, 0) * (N * BD)
+                    for n in tl.static_range(N):
+                        _prefetch(nxt + n * BD, FAST)
+                    for jj in tl.static_range(TT):
+                        sj = s0 + (jt - 1) * TT + jj
+                        tj = tl.minimum(tl.maximum(sj + rev * (L - 1 - 2 * sj), 0), L - 1)
+                        _prefetch(rec_b + tj * REC_W + lane_rec, FAST)
+                        _prefetch(x_b + tj * sx_t, FAST)
+                        _prefetch(dt_b + tj * sdt_t, FAST)
+                        _prefetch(g_b + tj * sg_t, FAST)
+                        if HAS_Z:
+                            _prefetch(z_b + tj * sz_t, FAST)
+                            if BIDIR:
+                                _prefetch(ypre_b + tj * E, FAST)
+                # the walk-back's per-channel inputs, loaded before the recompute so that it hides their latency
+                GS = ()
+                ZS = ()
+                YS = ()
+                for jj in tl.static_range(TT):
+                    s = s0 + jt * TT + jj
+                    t = s + rev * (L - 1 - 2 * s)
+                    GS = GS + (_ld(g_b, t, sg_t, L, dmask),)
+                    if HAS_Z:
+                        ZS = ZS + (_ld(z_b, t, sz_t, L, dmask),)
+                        if BIDIR:
+                            YS = YS + (tl.load(ypre_b + t * E, mask=dmask & (s < L) & (dr == 0),
+                                               other=0.0).to(tl.float32),)
+                # recompute the tile: states[jj] = S_{t-1} of step jj, states[jj + 1] = S_t; coefficients kept
+                states = (S,)
+                X = ()
+                co_omb = ()
+                co_rden = ()
+                co_eps = ()
+                for jj in tl.static_range(TT):
+                    s = s0 + jt * TT + jj
+                    t = s + rev * (L - 1 - 2 * s)
+                    x = _ld(x_b, t, sx_t, L, dmask)
+                    k, _, km, kappa = _rec_rows(rec_b, t, goff, N, REC_W, False, FAST)
+                    omb, rden, eps = _coefs(_ld(dt_b, t, sdt_t, L, dmask), bias, kappa, FAST)
+                    X = X + (x,)
+                    co_omb = co_omb + (omb,)
+                    co_rden = co_rden + (rden,)
+                    co_eps = co_eps + (eps,)
+                    S = _advance_rows(S, x, eps, rden, k, km, N)
+                    states = states + (S,)
+                for jj in tl.static_range(TT - 1, -1, -1):
+                    s = s0 + jt * TT + jj
+                    valid = s < L
+                    m = dmask & valid
+                    t = s + rev * (L - 1 - 2 * s)
+                    x = X[jj]
+                    G = GS[jj]
+                    eps = co_eps[jj]
+                    rden = co_rden[jj]
+                    k, q, km, kappa = _rec_rows(rec_b, t, goff, N, REC_W, True, FAST)
+                    if HAS_Z:
+                        zz = ZS[jj]
                         if BIDIR:
                             y = YS[jj]
                         else:
                             y = zero
-                            for n in tl.static_range(N):
-                                y += q[n] * S_t[n]
-                            if HAS_D:
-                                y += Dp * x
-                        dz = G * y * sz * (1.0 + zz * (1.0 - sz))
-                        tl.store(dz_b + t * E, dz.to(dz_ptr.dtype.element_ty), mask=m)
-                else:
-                    g = G * gscale
-                sum_hk = zero
-                deps = zero
-                dk = ()
-                dq = ()
-                Wn = ()
-                for n in tl.static_range(N):
-                    H = g * q[n] + Wc[n]
-                    Hk = H * k[n]
-                    v = x - k[n] * S_prev[n]                       # x - k S_{t-1}
-                    sum_hk += Hk
-                    deps += Hk * v
-                    eH = eps * H
-                    dk = dk + (eH * (v - k[n] * S_prev[n]),)     # eps H (x - 2 k S_{t-1})
-                    dq = dq + (g * S_t[n],)
-                    Wn = Wn + (rden * H + km[n] * eH,)           # f H, f = rden + eps (kappa - k^2)
-                Wc = Wn
-                # dk also carries -2 k[n] sum_d deps eps^2 (through kappa): folded in per channel
-                a2 = -2.0 * deps * eps * eps
-                if SCATTER:
-                    # reduce-scatter over the warp of 2N = 32 rows (dk, dq): lane bits 4 and 3 pair slots 8-15
-                    # and 4-7 with the partner's copies of the same rows; then bit 2 splits dk / dq and bits 1, 0
-                    # the last two row bits
-                    hk = ()
-                    hq = ()
-                    for r in tl.static_range(8):
-                        hk = hk + (dk[r] + a2 * k[r] + _bfly(dk[r + 8] + a2 * k[r + 8], 16),)
-                        hq = hq + (dq[r] + _bfly(dq[r + 8], 16),)
-                    v8 = ()
-                    for r in tl.static_range(4):
-                        v8 = v8 + (hk[r] + _bfly(hk[r + 4], 8),)
-                    for r in tl.static_range(4):
-                        v8 = v8 + (hq[r] + _bfly(hq[r + 4], 8),)
-                    v4 = _reduce_scatter(v8, lane, 4)
-                    v2 = _reduce_scatter(v4, lane, 2)
-                    v1 = _reduce_scatter(v2, lane, 1)
-                    tl.store(dkq_w + t * (2 * N), v1[0], mask=valid)
-                else:
-                    for n in tl.static_range(N):
-                        tl.store(dkq_b + t * (2 * N) + n, tl.sum(tl.where(dmask, dk[n] + a2 * k[n], 0.0), axis=0),
-                                 mask=valid)
-                        tl.store(dkq_b + t * (2 * N) + N + n, tl.sum(tl.where(dmask, dq[n], 0.0), axis=0),
-                                 mask=valid)
-                dx = eps * sum_hk
-                if HAS_D:
-                    dx += Dp * g
-                    acc_dD += g * x
-                ddt = deps * eps * co_omb[jj] * rden                  # deps / den^2 * beta (1 - beta)
-                acc_db += tl.where(m, ddt, 0.0)
-                tl.store(dx_b + t * E, dx.to(dxa_ptr.dtype.element_ty), mask=m)
-                tl.store(ddt_b + t * E, ddt.to(ddta_ptr.dtype.element_ty), mask=m)
+                    else:
+                        zz = zero
+                        y = zero
+                    Wc, ddt_m, dD_t = _bwd_step(t, valid, m, x, G, zz, y, eps, rden, co_omb[jj], k, q, km, states[jj],
+                                                states[jj + 1], Wc, gscale, Dp, lane, dkq_w, dkq_b, dz_b, dx_b, ddt_b,
+                                                dmask, E, dr, zero, N, BIDIR, HAS_D, HAS_Z, SCATTER, FAST)
+                    acc_db += ddt_m
+                    if HAS_D:
+                        acc_dD += dD_t
     if SEG:
         dpar_b = dpar_ptr + ((dr * B + b) * NSEG + seg) * 2 * E + offs_d
+    elif RECON:
+        dpar_b = dpar_ptr + (dr * 2 * B + b) * 2 * E + offs_d
+    elif FALLBACK:
+        dpar_b = dpar_ptr + ((dr * 2 + 1) * B + b) * 2 * E + offs_d
     else:
         dpar_b = dpar_ptr + (dr * B + b) * 2 * E + offs_d
     tl.store(dpar_b, acc_db, mask=dmask)

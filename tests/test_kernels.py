@@ -22,6 +22,7 @@ pytest.importorskip("triton", reason="the Triton kernels need triton installed")
 
 from vlonghorn.kernels import (CONFIG, bidirectional_conv1d_silu_triton,  # noqa: E402
                                bidirectional_longhorn_scan_triton, longhorn_scan_triton)
+from vlonghorn.kernels.interface import RECON_FLAGS, RECON_STATE  # noqa: E402
 from vlonghorn.ops.reference import bidirectional_conv1d_silu_ref, longhorn_scan_ref  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -41,9 +42,12 @@ def config(request):
     """Temporarily replace kernel launch parameters: SMALL_CFG on the interpreter, the defaults on CUDA."""
     saved = dict(CONFIG)
     CONFIG.update(getattr(request, "param", None) or ({} if CUDA else SMALL_CFG))
+    RECON_STATE.clear()     # no running share of redone programs carries over from another test
     yield CONFIG
     CONFIG.clear()
     CONFIG.update(saved)
+    RECON_STATE.clear()
+    RECON_FLAGS.update(record=False, last=None)
 
 
 def _rel(a, b):
@@ -77,6 +81,8 @@ def _scan_inputs(B, L, E, N, dtype, strided=False, strong=False, has_D=True, has
         # strong writes: k one-hot times 5 on half the tokens, beta = sigmoid(dt + bias) close to 1
         hot = F.one_hot(torch.randint(0, N, (B, L), generator=g), N).float() * 5.0
         sel = (torch.rand(B, L, 1, generator=g) < 0.5).float()
+        if strong == "first":       # in batch element 0 only
+            sel[1:] = 0.0
         k = sel * hot + (1 - sel) * k
         dt = dt.abs() + 6.0
     leaves = {}
@@ -281,6 +287,70 @@ def test_chunked_training(config, B, L, E, bidir, reverse, strided, strong, dtyp
         _check_single(B, L, E, 16, dtype, reverse, strided, strong, True, True)
 
 
+RECON_CASES = [
+    # bidir, B, L, E, dtype, reverse, strided, strong, tol, expected flags ("none", "some", "all", or "exact": the
+    # plain exact backward ran)
+    pytest.param(True, 2, 37, 40, torch.bfloat16, False, True, False, 1e-4, "none", id="bidir-bf16"),
+    pytest.param(False, 2, 37, 40, torch.float16, True, False, False, 1e-4, "none", id="single-fp16-reverse"),
+    pytest.param(True, 2, 37, 40, torch.bfloat16, False, False, "first", 1e-4, "some", id="bidir-strong-in-b0"),
+    pytest.param(True, 1, 33, 33, torch.bfloat16, False, False, False, 0.0, "all", id="bidir-all-redone"),
+    pytest.param(False, 2, 37, 40, torch.float32, False, False, False, 1e-4, "exact", id="fp32-stays-exact"),
+    pytest.param(True, 4, 197, 768, torch.bfloat16, False, True, False, 1e-4, "none", id="large-bidir-bf16",
+                 marks=needs_cuda),
+    pytest.param(True, 2, 300, 200, torch.bfloat16, False, False, "first", 1e-4, "some", id="large-strong-in-b0",
+                 marks=needs_cuda),
+]
+
+
+@pytest.mark.parametrize("bidir,B,L,E,dtype,reverse,strided,strong,tol,flags", RECON_CASES)
+def test_reconstructing_backward(config, bidir, B, L, E, dtype, reverse, strided, strong, tol, flags):
+    """16-bit inputs: the backward reconstructs the states against the scan order, and the programs whose
+    reconstruction drifted from a checkpoint are redone exactly; every output and gradient matches the reference
+    either way, and the flags say which programs were redone (strong writes in batch element 0 only: some;
+    tolerance 0: all)."""
+    config.update(bwd_recon_tol=tol)
+    RECON_FLAGS["record"] = True
+    assert config["bwd_recon"], "on by default"
+    if bidir:
+        _check_bidir(B, L, E, dtype, strided, strong, True, True)
+    else:
+        _check_single(B, L, E, 16, dtype, reverse, strided, strong, True, True)
+    got = RECON_FLAGS["last"]
+    if flags == "exact":
+        assert got is None, "fp32 inputs should take the exact backward"
+        return
+    assert got is not None and got.numel() == (2 if bidir else 1) * B * -(-E // config["bwd_bd"])
+    n = int(got.sum())
+    if flags == "none":
+        assert n == 0, f"{n} programs were redone exactly"
+    elif flags == "all":
+        assert n == got.numel()
+    else:
+        assert 0 < n < got.numel(), f"{n} of {got.numel()} programs redone"
+        per_b = got.view(2 if bidir else 1, B, -1).sum(dim=(0, 2))
+        assert per_b[1:].sum() == 0, f"redone programs per batch element: {per_b.tolist()}"
+
+
+def test_reconstruction_steps_aside_when_it_keeps_failing(config):
+    """The running share of redone programs (per device): at or above bwd_recon_share the reconstruction does not
+    run (every program goes to the exact backward at once) except on every bwd_recon_probe-th call, which measures
+    again; the gradients stay exact throughout."""
+    config.update(bwd_recon_tol=0.0, bwd_recon_decay=0.5, bwd_recon_probe=4)
+    RECON_FLAGS["record"] = True
+    st = lambda: [round(v, 6) for v in next(iter(RECON_STATE.values())).tolist()]   # noqa: E731
+    _check_bidir(1, 20, 33, torch.bfloat16, False, False, True, True)    # call 0: every program redone
+    assert st() == [0.5, 1.0]
+    config.update(bwd_recon_tol=1e-4)
+    for call in (1, 2, 3):                                                # share 0.5 >= 0.4: stepped aside
+        _check_bidir(1, 20, 33, torch.bfloat16, False, False, True, True)
+        flags = RECON_FLAGS["last"]
+        assert st() == [0.5, call + 1.0] and int(flags.sum()) == flags.numel()
+    _check_bidir(1, 20, 33, torch.bfloat16, False, False, True, True)    # call 4: a probe, nothing redone
+    assert st() == [0.25, 5.0] and int(RECON_FLAGS["last"].sum()) == 0
+    _check_bidir(1, 20, 33, torch.bfloat16, False, False, True, True)    # call 5: below the share again
+    assert st() == [0.125, 6.0] and int(RECON_FLAGS["last"].sum()) == 0
+
+
 def test_inference_saves_nothing(config):
     """Without grad the forward writes no checkpoints; with grad it can be differentiated."""
     from vlonghorn.kernels.interface import scan_fwd
@@ -472,6 +542,7 @@ def test_cuda_graphs_train_like_eager(config):
     target = torch.randint(0, 5, (8,), device=DEV)
     losses = []
     for mode in (None, "reduce-overhead"):
+        RECON_STATE.clear()     # the graphed run sets up the backward's running state inside its warm-up
         torch.manual_seed(1)
         model = timm.create_model("vlonghorn_small", num_classes=5, depth=4).to(DEV)
         run = torch.compile(model, mode=mode) if mode else model
