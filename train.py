@@ -485,6 +485,16 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
     return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
 
 
+def _scan_redone_share(device: torch.device) -> float | None:
+    """The Triton scan backward's running share of redone programs on this device (NOTES_kernels.md item 34), or
+    None where it has not run (CPU, the PyTorch path, fp32)."""
+    try:
+        from vlonghorn.kernels.interface import recon_share
+    except ImportError:     # no triton
+        return None
+    return recon_share(device)
+
+
 def train_one_epoch(epoch: int, ctx: dict) -> bool:
     """One (possibly resumed) epoch. Returns True when the run must stop (preemption / --stop-after-steps)."""
     args, accelerator, state = ctx["args"], ctx["accelerator"], ctx["state"]
@@ -544,10 +554,12 @@ def train_one_epoch(epoch: int, ctx: dict) -> bool:
             lr = max(group["lr"] for group in optimizer.param_groups)
             img_s = (i + 1) * micro_batch / elapsed
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+            redone = _scan_redone_share(accelerator.device)
             if bar.disable:  # no progress bar (batch jobs, logs): a line per interval instead
-                _logger.info("train %d [%d/%d] loss %.4f lr %.3g %.0f img/s", epoch, i + 1, n_batches, mean_loss, lr,
-                             img_s)
-            accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/img_per_s": img_s}, step=state.updates)
+                _logger.info("train %d [%d/%d] loss %.4f lr %.3g %.0f img/s%s", epoch, i + 1, n_batches, mean_loss, lr,
+                             img_s, "" if redone is None else f" | scan backward redone {redone:.3f}")
+            accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/img_per_s": img_s,
+                             **({} if redone is None else {"train/scan_redone_share": redone})}, step=state.updates)
             interval_loss.zero_()
             interval_n = 0
 

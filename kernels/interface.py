@@ -240,6 +240,17 @@ def _recon_state(dev):
     return st
 
 
+def recon_share(device):
+    """The running share of the reconstructing backward's programs that had to be redone exactly on `device` (0:
+    none; at bwd_recon_share or above the reconstruction steps aside), or None if it has not run there. Reading it
+    waits for the GPU: for logs, not for every step."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    st = RECON_STATE.get(device)
+    return None if st is None else float(st[0])
+
+
 def _scan_bwd_impl(grad, xa, dta, bias_a, Da, xb, dtb, bias_b, Db, z, ypre, ck, rec, reverse, k_dtype, q_dtype, N):
     bidir = xb is not None
     B, L, E = xa.shape

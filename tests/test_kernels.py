@@ -22,7 +22,7 @@ pytest.importorskip("triton", reason="the Triton kernels need triton installed")
 
 from vlonghorn.kernels import (CONFIG, bidirectional_conv1d_silu_triton,  # noqa: E402
                                bidirectional_longhorn_scan_triton, longhorn_scan_triton)
-from vlonghorn.kernels.interface import RECON_FLAGS, RECON_STATE  # noqa: E402
+from vlonghorn.kernels.interface import RECON_FLAGS, RECON_STATE, recon_share  # noqa: E402
 from vlonghorn.ops.reference import bidirectional_conv1d_silu_ref, longhorn_scan_ref  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -338,8 +338,9 @@ def test_reconstruction_steps_aside_when_it_keeps_failing(config):
     config.update(bwd_recon_tol=0.0, bwd_recon_decay=0.5, bwd_recon_probe=4)
     RECON_FLAGS["record"] = True
     st = lambda: [round(v, 6) for v in next(iter(RECON_STATE.values())).tolist()]   # noqa: E731
+    assert recon_share(DEV) is None
     _check_bidir(1, 20, 33, torch.bfloat16, False, False, True, True)    # call 0: every program redone
-    assert st() == [0.5, 1.0]
+    assert st() == [0.5, 1.0] and recon_share(DEV) == 0.5                 # (what train.py logs)
     config.update(bwd_recon_tol=1e-4)
     for call in (1, 2, 3):                                                # share 0.5 >= 0.4: stepped aside
         _check_bidir(1, 20, 33, torch.bfloat16, False, False, True, True)
