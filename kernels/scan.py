@@ -722,6 +722,20 @@ def _bwd_step(t, valid, m, x, G, zz, y, eps, rden, omb, k, q, km, S_prev, S_t, W
 
 
 @triton.jit
+def _prefetch_token(t, rec_b, lane_rec, x_b, dt_b, g_b, z_b, ypre_b, sx_t, sdt_t, sg_t, sz_t, E,
+                    REC_W: tl.constexpr, HAS_Z: tl.constexpr, BIDIR: tl.constexpr, FAST: tl.constexpr):
+    """L1 prefetches of everything the backward's walk loads at token t: its record and per-channel inputs."""
+    _prefetch(rec_b + t * REC_W + lane_rec, FAST)
+    _prefetch(x_b + t * sx_t, FAST)
+    _prefetch(dt_b + t * sdt_t, FAST)
+    _prefetch(g_b + t * sg_t, FAST)
+    if HAS_Z:
+        _prefetch(z_b + t * sz_t, FAST)
+        if BIDIR:
+            _prefetch(ypre_b + t * E, FAST)
+
+
+@triton.jit
 def _recon_go(st_ptr, THR, PROBE):
     """Whether the reconstructing backward runs on this call: the running share of programs it had to hand to the
     exact backward (st[0]) is below THR, or this is a probing call (every PROBE-th, counted in st[1])."""
@@ -957,14 +971,8 @@ def _scan_bwd_kernel(
                 if FAST:
                     sn = tl.maximum(s - 1, 0)
                     tn = sn + rev * (L - 1 - 2 * sn)
-                    _prefetch(rec_b + tn * REC_W + lane_rec, FAST)
-                    _prefetch(x_b + tn * sx_t, FAST)
-                    _prefetch(dt_b + tn * sdt_t, FAST)
-                    _prefetch(g_b + tn * sg_t, FAST)
-                    if HAS_Z:
-                        _prefetch(z_b + tn * sz_t, FAST)
-                        if BIDIR:
-                            _prefetch(ypre_b + tn * E, FAST)
+                    _prefetch_token(tn, rec_b, lane_rec, x_b, dt_b, g_b, z_b, ypre_b, sx_t, sdt_t, sg_t, sz_t, E,
+                                    REC_W, HAS_Z, BIDIR, FAST)
                 x = _ld(x_b, t, sx_t, L, dmask)
                 G = _ld(g_b, t, sg_t, L, dmask)
                 if HAS_Z:
@@ -1052,14 +1060,8 @@ def _scan_bwd_kernel(
                     for jj in tl.static_range(TT):
                         sj = s0 + (jt - 1) * TT + jj
                         tj = tl.minimum(tl.maximum(sj + rev * (L - 1 - 2 * sj), 0), L - 1)
-                        _prefetch(rec_b + tj * REC_W + lane_rec, FAST)
-                        _prefetch(x_b + tj * sx_t, FAST)
-                        _prefetch(dt_b + tj * sdt_t, FAST)
-                        _prefetch(g_b + tj * sg_t, FAST)
-                        if HAS_Z:
-                            _prefetch(z_b + tj * sz_t, FAST)
-                            if BIDIR:
-                                _prefetch(ypre_b + tj * E, FAST)
+                        _prefetch_token(tj, rec_b, lane_rec, x_b, dt_b, g_b, z_b, ypre_b, sx_t, sdt_t, sg_t, sz_t,
+                                        E, REC_W, HAS_Z, BIDIR, FAST)
                 # the walk-back's per-channel inputs, loaded before the recompute so that it hides their latency
                 GS = ()
                 ZS = ()
