@@ -8,8 +8,8 @@ passes them), a "strong write" case (one-hot k times 5, beta near 1), fp32 (rela
 
 Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
 before Triton is imported) at small shapes; the large-shape cases need CUDA and report as skipped without it.
-conftest.py also makes the interpreter round float32 -> bfloat16 to nearest even, as the GPU does (the
-interpreter truncates: twice the rounding error in every bf16 value a kernel stores).
+conftest.py also makes the interpreter's float32 <-> bfloat16 conversions exact, rounding to nearest even as the
+GPU does (the interpreter truncates: twice the rounding error in every bf16 value a kernel stores).
 """
 import contextlib
 import os
@@ -118,6 +118,36 @@ def _grads(out, leaves, grad_out):
     names = list(leaves)
     gs = torch.autograd.grad(out, [leaves[n] for n in names], grad_out)
     return dict(zip(names, gs))
+
+
+def test_bf16_conversions_round_as_torch():
+    """The float32 <-> bfloat16 conversions in a kernel (where every bf16 output is rounded) equal torch's: to
+    nearest even down, exact up, on random float32 bit patterns (subnormals, infinities, NaN among them) and on all
+    bf16 patterns; under the interpreter this checks conftest.py's correction."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=m).to(y_ptr.dtype.element_ty), mask=m)
+
+    g = torch.Generator().manual_seed(11)
+    bits = torch.randint(-2 ** 31, 2 ** 31, (100_003,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32).clone()
+    x[:5] = torch.tensor([float("inf"), -float("inf"), 3.4028235e38, -0.0, 1.0 + 0.875 * 2.0 ** -7])
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    for src, dst in ((x, torch.bfloat16), (every, torch.float32)):
+        out = torch.empty(src.shape, dtype=dst, device=DEV)
+        cast[(triton.cdiv(src.numel(), 4096),)](src.to(DEV), out, src.numel(), BLOCK=4096)
+        out, ref = out.cpu(), src.to(dst)
+        nan = torch.isnan(ref)
+        assert torch.isnan(out[nan]).all(), f"{src.dtype} -> {dst}: {int((~torch.isnan(out[nan])).sum())} NaN lost"
+        same = out[~nan].view(torch.int16 if dst == torch.bfloat16 else torch.int32) == \
+            ref[~nan].view(torch.int16 if dst == torch.bfloat16 else torch.int32)
+        assert same.all(), f"{src.dtype} -> {dst}: {int((~same).sum())} values differ from torch's, e.g. " \
+                           f"{src[~nan][~same][:3].tolist()} -> {out[~nan][~same][:3].tolist()}"
 
 
 # ------------------------------------------------------------------------------------------- scan, one direction
