@@ -31,7 +31,7 @@ def _exact_bf16_casts_in_interpreter():
     the GPU rounds to nearest even: every bf16 value the kernels store would carry twice the GPU's rounding error
     (measured: 0.33% RMS-relative instead of 0.16% on random values), and the bf16 tests would measure the
     interpreter rather than the kernels; it also maps bf16 subnormals to wrong float32 values. Both directions are
-    replaced by the exact bit operations (to nearest, ties to even, as `torch.Tensor.bfloat16`; up: the bits
+    replaced by exact bit operations (down: to nearest, ties to even, as `torch.Tensor.bfloat16`; up: the bits
     shifted); a Triton whose interpreter already gets both right is left alone, and one whose internals moved
     stops the session with the reason."""
     if _interpreter_bf16_probe():
