@@ -611,6 +611,16 @@ def _rec_rows(rec_b, t, goff, N: tl.constexpr, REC_W: tl.constexpr, NEED_Q: tl.c
 
 
 @triton.jit
+def _ck_rows(ck_b, w, CKS, ck_col, hi4, BDF, dmask, N: tl.constexpr):
+    """The state entering checkpoint window w (checkpoint w - 1; zero for w = 0) as a tuple of N rows, row n read
+    from the backward's lane-permuted position n ^ hi4 (see the reduce-scatter)."""
+    S = ()
+    for n in tl.static_range(N):
+        S = S + (tl.load(ck_b + (w - 1) * CKS + ck_col + (n ^ hi4) * BDF, mask=dmask & (w > 0), other=0.0),)
+    return S
+
+
+@triton.jit
 def _advance_rows(S, x, eps, rden, k, km, N: tl.constexpr):
     # S_t[n] = f[n] S_{t-1}[n] + c[n] with f = rden + eps (kappa - k^2) (exact form of 1 - eps k^2), c = eps x k
     ex = eps * x
@@ -834,9 +844,9 @@ def _scan_bwd_kernel(
     SEG (small batch): program_id(2) = dr NSEG + seg, and the program takes only the SW windows of segment seg,
     starting from the adjoint carry that enters it (`_adjoint_chunk_kernel`, then the combine, in csum_ptr);
     dbias, dD partials per segment.
-    RECON (bf16 / fp16 inputs, CONFIG bwd_recon): no sweep and no tiles; each window is walked back from its end state (the next
-    window's checkpoint; the last window sweeps to its end once) with the states reconstructed on the way,
-    S_{t-1} = (S_t - c_t) / f_t. The error of that grows as the product of 1/f going back, so the state it
+    RECON (bf16 / fp16 inputs, CONFIG bwd_recon): no sweep and no tiles; each window is walked back from its end
+    state (the next window's checkpoint; the last window sweeps to its end once) with the states reconstructed on
+    the way, S_{t-1} = (S_t - c_t) / f_t. The error of that grows as the product of 1/f going back, so the state it
     reconstructs entering each window is compared with the window's checkpoint: a program with any channel off by
     more than TOL x that channel's largest end-state entry writes flag 1 and zero dbias / dD partials, and the
     FALLBACK launch (this kernel, exact) redoes exactly the flagged programs, overwriting all their outputs.
@@ -952,10 +962,7 @@ def _scan_bwd_kernel(
             # the window's end state: the next window's checkpoint, or (last window) a sweep from its own
             last = w == NW - 1
             cidx = tl.where(last, w - 1, w)
-            S = ()
-            for n in tl.static_range(N):
-                S = S + (tl.load(ck_b + cidx * CKS + ck_col + (n ^ hi4) * BDF, mask=dmask & (cidx >= 0),
-                                 other=0.0),)
+            S = _ck_rows(ck_b, cidx + 1, CKS, ck_col, hi4, BDF, dmask, N)
             for u in range(tl.where(last, nst, 0)):
                 s = s0 + u
                 t = s + rev * (L - 1 - 2 * s)
@@ -998,11 +1005,9 @@ def _scan_bwd_kernel(
                     acc_dD += dD_t
                 S = S_prev
             # S is now the reconstructed state entering the window: against its checkpoint (zero for window 0)
-            C = ()
+            C = _ck_rows(ck_b, w, CKS, ck_col, hi4, BDF, dmask, N)
             for n in tl.static_range(N):
-                c = tl.load(ck_b + (w - 1) * CKS + ck_col + (n ^ hi4) * BDF, mask=dmask & (w > 0), other=0.0)
-                C = C + (c,)
-                mag = tl.maximum(mag, tl.abs(c))
+                mag = tl.maximum(mag, tl.abs(C[n]))
             for n in tl.static_range(N):
                 bad = bad | ~(tl.abs(S[n] - C[n]) <= TOL * mag)       # NaN or inf count as off
         flagged = tl.where(go, tl.max(bad.to(tl.int32), axis=0), 1)
@@ -1015,9 +1020,7 @@ def _scan_bwd_kernel(
             s0 = w * CK
             ntile = (tl.minimum(CK, L - s0) + TT - 1) // TT
             # 1. sweep the window from its checkpoint, storing each tile's start state; x and dt one tile ahead
-            S = ()
-            for n in tl.static_range(N):
-                S = S + (tl.load(ck_b + (w - 1) * CKS + ck_col + (n ^ hi4) * BDF, mask=dmask & (w > 0), other=0.0),)
+            S = _ck_rows(ck_b, w, CKS, ck_col, hi4, BDF, dmask, N)
             nx = ()
             ndt = ()
             for jj in tl.static_range(TT):
