@@ -10,6 +10,7 @@ The mixer calls only `vlonghorn.ops`, which runs Triton kernels on CUDA tensors 
 """
 import math
 import pickle
+import traceback
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
@@ -33,7 +34,7 @@ from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
-from vlonghorn.ops import bidirectional_conv1d_silu, bidirectional_longhorn_scan, uses_triton
+from vlonghorn.ops import bidirectional_conv1d_silu, bidirectional_longhorn_scan, recompute_except_scan
 
 __all__ = ['VisionLonghorn']
 
@@ -102,58 +103,23 @@ class LonghornMixer(nn.Module):
         d_inner = expand * dim
         dt_rank = dt_rank or math.ceil(dim / 16)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False, **dd)
+        self.d_state = d_state
+        # the two scan directions: `fwd` walks the tokens in raster order, `rev` from the last token back
         self.fwd = ScanDirection(d_inner, d_state, dt_rank, d_conv, **dd)
-        self.bwd = ScanDirection(d_inner, d_state, dt_rank, d_conv, **dd)
+        self.rev = ScanDirection(d_inner, d_state, dt_rank, d_conv, **dd)
         self.out_proj = nn.Linear(d_inner, dim, bias=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x_fwd, x_bwd = bidirectional_conv1d_silu(
-            x, self.fwd.conv_weight, self.fwd.conv_bias, self.bwd.conv_weight, self.bwd.conv_bias)
+        x_fwd, x_rev = bidirectional_conv1d_silu(
+            x, self.fwd.conv_weight, self.fwd.conv_bias, self.rev.conv_weight, self.rev.conv_bias)
         dt_fwd, k_fwd, q_fwd = self.fwd.project(x_fwd)
-        dt_bwd, k_bwd, q_bwd = self.bwd.project(x_bwd)
+        dt_rev, k_rev, q_rev = self.rev.project(x_rev)
         y = bidirectional_longhorn_scan(
-            x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
-            self.fwd.dt_proj.bias, self.bwd.dt_proj.bias, self.fwd.D, self.bwd.D, z,
+            x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd, k_rev, q_rev,
+            self.fwd.dt_proj.bias, self.rev.dt_proj.bias, self.fwd.D, self.rev.D, z,
         )
         return self.out_proj(y)
-
-
-class _RecomputeBranch(torch.autograd.Function):
-    """y = block._branch(x) for training in eager mode on the Triton path, keeping for the backward only x and the
-    scan's outputs: the forward runs without grad (no autograd graph, nothing saved), the backward runs the branch
-    again with grad (the scan's outputs handed back, no scan launch) and differentiates it. The block's parameters
-    are inputs so that their gradients are returned, not accumulated inside the backward (torch.autograd.grad and
-    DDP hooks see them as usual). The branch holds no randomness, so no RNG state is kept."""
-
-    @staticmethod
-    def forward(ctx, block, x, *params):
-        from vlonghorn.kernels import ScanOutputs, keep_scan_outputs
-        ctx.block, ctx.store = block, ScanOutputs()
-        dev = x.device.type
-        ctx.autocast = dict(device_type=dev, enabled=torch.is_autocast_enabled(dev),
-                            dtype=torch.get_autocast_dtype(dev), cache_enabled=torch.is_autocast_cache_enabled())
-        with keep_scan_outputs(ctx.store):
-            y = block._branch(x)
-        ctx.save_for_backward(x, *params)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        from vlonghorn.kernels import keep_scan_outputs
-        x, *params = ctx.saved_tensors
-        with torch.enable_grad(), torch.autocast(**ctx.autocast), keep_scan_outputs(ctx.store):
-            x_in = x.detach().requires_grad_(ctx.needs_input_grad[1])
-            y = ctx.block._branch(x_in)
-        wanted = [t for t, need in zip([x_in] + params, ctx.needs_input_grad[1:]) if need]
-        grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True))
-        return (None,) + tuple(next(grads) if need else None for need in ctx.needs_input_grad[1:])
-
-
-def _keep_scan_outputs():
-    # selective recompute under torch.compile: the scan's outputs (its result, y_pre, checkpoints, records) are
-    # kept, every other op of the branch runs again in the backward
-    return torch.utils.checkpoint.create_selective_checkpoint_contexts([torch.ops.vlonghorn.scan_fwd.default])
 
 
 class Block(nn.Module):
@@ -187,19 +153,9 @@ class Block(nn.Module):
         return self.mixer(self.norm(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (an FX-traced graph takes the plain branch: the choice depends on the tensor's device)
-        if (self.recompute_mixer and not self.in_checkpoint and torch.is_grad_enabled()
-                and not torch.jit.is_scripting() and not torch.fx._symbolic_trace.is_fx_tracing()
-                and uses_triton(x)):
-            if torch.compiler.is_compiling():
-                # traced once into the graph: a selective-checkpoint policy costs nothing per step there
-                y = torch.utils.checkpoint.checkpoint(self._branch, x, use_reentrant=False,
-                                                      context_fn=_keep_scan_outputs)
-            else:
-                # eager: the same policy would put a Python dispatch mode under every op of every step (it cost a
-                # third of the training speed at 224 px), and torch.utils.checkpoint's per-tensor hooks cost
-                # about as much host time as the branch itself
-                y = _RecomputeBranch.apply(self, x, *self.norm.parameters(), *self.mixer.parameters())
+        if self.recompute_mixer and not self.in_checkpoint:
+            params = (*self.norm.parameters(), *self.mixer.parameters())
+            y = recompute_except_scan(self._branch, x, params, d_state=self.mixer.d_state)
         else:
             y = self._branch(x)
         return x + self.drop_path(y)
@@ -501,6 +457,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionLongh
     for k, v in state_dict.items():
         if k.startswith('module.'):
             k = k[len('module.'):]
+        # the second scan direction was called `bwd` before it was called `rev`
+        k = k.replace('.mixer.bwd.', '.mixer.rev.')
         if k == 'patch_embed.proj.weight' and v.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
             v = resample_patch_embed(v, list(model.patch_embed.proj.weight.shape[-2:]), verbose=True)
         elif k == 'pos_embed' and v.shape[1] != model.pos_embed.shape[1]:
@@ -517,6 +475,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionLongh
     return out_dict
 
 
+def _loading_weights(error: BaseException) -> bool:
+    """Whether `error` was raised while timm loaded pretrained weights (not while it built the model)."""
+    return any(frame.f_code.co_name in ('load_pretrained', 'load_custom_pretrained')
+               for frame, _ in traceback.walk_tb(error.__traceback__))
+
+
 def _create_vision_longhorn(variant: str, pretrained: bool = False, **kwargs) -> VisionLonghorn:
     out_indices = kwargs.pop('out_indices', 3)
     try:
@@ -528,8 +492,8 @@ def _create_vision_longhorn(variant: str, pretrained: bool = False, **kwargs) ->
             feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
             **kwargs,
         )
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as e:
-        if not pretrained:
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as e:
+        if not pretrained or not _loading_weights(e):
             raise
         # timm's loaders say what failed but not which weights: name them (a missing or corrupt file, a bad URL).
         overlay = kwargs.get('pretrained_cfg_overlay') or {}

@@ -1,7 +1,8 @@
 """The public Longhorn ops and their backend dispatch (longhorn.md section 2).
 
-Models call only these functions; which backend runs (Triton kernels on CUDA, PyTorch elsewhere) is decided
-here, per call, from the tensors and the `backend` argument.
+Models call only these functions; which backend runs (Triton kernels on CUDA, PyTorch elsewhere, and PyTorch
+for what the kernels do not take: fp64, other state sizes, other conv widths) is decided here and only here, per
+call, from the tensors and the `backend` argument.
 """
 import os
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from .scan_torch import bidirectional_longhorn_scan_torch, longhorn_scan_torch
 
 __all__ = ["longhorn_scan", "bidirectional_longhorn_scan", "bidirectional_conv1d_silu", "triton_available",
-           "uses_triton"]
+           "uses_triton", "scan_redone_share"]
 
 _BACKENDS = ("auto", "triton", "torch")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -31,6 +32,7 @@ def triton_available():
 
 
 def _resolve_backend(backend, x):
+    """The backend `backend` means for tensors like x, before looking at what the kernels support."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto" and _AUTO != "auto":
@@ -45,9 +47,26 @@ def _resolve_backend(backend, x):
     return backend
 
 
-def uses_triton(x, backend="auto"):
-    """True when the ops called with `backend` on tensors like x run the Triton kernels."""
-    return _resolve_backend(backend, x) == "triton"
+def _scan_backend(backend, x, n_state, *tensors):
+    """Where a scan runs: the kernels when the backend says Triton and they take the state size and dtypes (fp64
+    and state sizes the kernels' record cannot hold run on PyTorch, as documented in longhorn.md section 2)."""
+    if _resolve_backend(backend, x) != "triton":
+        return "torch"
+    from vlonghorn.kernels import supports_scan
+    ok = all(supports_scan(n_state, t.dtype) for t in (x, *tensors) if t is not None)
+    return "triton" if ok else "torch"
+
+
+def _conv_backend(backend, x, width):
+    if _resolve_backend(backend, x) != "triton":
+        return "torch"
+    from vlonghorn.kernels import CONV_WIDTH
+    return "triton" if width == CONV_WIDTH and x.dtype != torch.float64 else "torch"
+
+
+def uses_triton(x, backend="auto", d_state=16):
+    """True when a scan called with `backend` on tensors like x (state size d_state) runs the Triton kernels."""
+    return _scan_backend(backend, x, d_state) == "triton"
 
 
 def _check_tensor(name, t, ndim, shape=None, floating=True):
@@ -90,55 +109,67 @@ def longhorn_scan(x, dt, k, q, dt_bias, D=None, z=None, reverse=False, backend="
     Inputs may be fp16, bf16, fp32 or fp64; the state and all accumulation are fp32 (fp64 for fp64 inputs).
     """
     _check_scan_inputs(x, dt, k, q, dt_bias, D, z)
-    if _resolve_backend(backend, x) == "triton":
-        from vlonghorn.kernels import longhorn_scan_triton
-        return longhorn_scan_triton(x, dt, k, q, dt_bias, D, z, reverse)
+    if _scan_backend(backend, x, k.shape[-1], dt, k, q, z) == "triton":
+        from vlonghorn import kernels
+        return kernels.longhorn_scan(x, dt, k, q, dt_bias, D, z, reverse)
     return longhorn_scan_torch(x, dt, k, q, dt_bias, D, z, reverse)
 
 
-def bidirectional_longhorn_scan(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
-                                dt_bias_fwd, dt_bias_bwd, D_fwd=None, D_bwd=None, z=None, backend="auto"):
-    """Both scan directions of a Vision Longhorn block, combined: (y_fwd + y_bwd) / 2 * silu(z).
+def bidirectional_longhorn_scan(x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd, k_rev, q_rev,
+                                dt_bias_fwd, dt_bias_rev, D_fwd=None, D_rev=None, z=None, backend="auto"):
+    """Both scan directions of a Vision Longhorn block, combined: (y_fwd + y_rev) / 2 * silu(z).
 
-    Each direction has its own inputs and parameters (shapes as in `longhorn_scan`); the backward direction
-    scans t = L-1 .. 0. z (B, L, E) is shared; without it the result is (y_fwd + y_bwd) / 2.
+    Each direction has its own inputs and parameters (shapes as in `longhorn_scan`); the `fwd` direction scans
+    t = 0 .. L-1, the `rev` direction t = L-1 .. 0. z (B, L, E) is shared; without it the result is
+    (y_fwd + y_rev) / 2.
     """
     _check_scan_inputs(x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, z, "_fwd")
-    _check_scan_inputs(x_bwd, dt_bwd, k_bwd, q_bwd, dt_bias_bwd, D_bwd, z, "_bwd")
-    if x_bwd.shape != x_fwd.shape or k_bwd.shape != k_fwd.shape:
+    _check_scan_inputs(x_rev, dt_rev, k_rev, q_rev, dt_bias_rev, D_rev, z, "_rev")
+    if x_rev.shape != x_fwd.shape or k_rev.shape != k_fwd.shape:
         raise ValueError(f"both directions must have the same shapes, got x {tuple(x_fwd.shape)} / "
-                         f"{tuple(x_bwd.shape)} and k {tuple(k_fwd.shape)} / {tuple(k_bwd.shape)}")
-    if _resolve_backend(backend, x_fwd) == "triton":
-        from vlonghorn.kernels import bidirectional_longhorn_scan_triton
-        return bidirectional_longhorn_scan_triton(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
-                                                  dt_bias_fwd, dt_bias_bwd, D_fwd, D_bwd, z)
-    return bidirectional_longhorn_scan_torch(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
-                                             dt_bias_fwd, dt_bias_bwd, D_fwd, D_bwd, z)
+                         f"{tuple(x_rev.shape)} and k {tuple(k_fwd.shape)} / {tuple(k_rev.shape)}")
+    if _scan_backend(backend, x_fwd, k_fwd.shape[-1], x_rev, dt_fwd, dt_rev, k_fwd, q_fwd, k_rev, q_rev, z) == "triton":
+        from vlonghorn import kernels
+        return kernels.bidirectional_longhorn_scan(x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd, k_rev, q_rev,
+                                                   dt_bias_fwd, dt_bias_rev, D_fwd, D_rev, z)
+    return bidirectional_longhorn_scan_torch(x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd, k_rev, q_rev,
+                                             dt_bias_fwd, dt_bias_rev, D_fwd, D_rev, z)
 
 
-def bidirectional_conv1d_silu(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd, backend="auto"):
+def bidirectional_conv1d_silu(x, weight_fwd, bias_fwd, weight_rev, bias_rev, backend="auto"):
     """Depthwise conv1d + SiLU for both scan directions from one input.
 
     x: (B, L, E) token-major; weight_*: (E, W) (W = 4 in the models); bias_*: (E,) or None.
-    Returns (x_fwd, x_bwd), each (B, L, E): x_fwd is causal (x_fwd[t] sees x[t-W+1 .. t]); x_bwd is causal
-    in the backward scan's order (x_bwd[t] sees x[t .. t+W-1], weight_bwd[-1] on x[t]).
+    Returns (x_fwd, x_rev), each (B, L, E): x_fwd is causal (x_fwd[t] sees x[t-W+1 .. t]); x_rev is causal
+    in the rev scan's order (x_rev[t] sees x[t .. t+W-1], weight_rev[-1] on x[t]). The Triton kernel takes
+    W = 4 and fp16 / bf16 / fp32; anything else runs on PyTorch.
     """
     _check_tensor("x", x, 3)
     channels = x.shape[-1]
     _check_tensor("weight_fwd", weight_fwd, 2)
     width = weight_fwd.shape[-1]
     _check_tensor("weight_fwd", weight_fwd, 2, (channels, width))
-    _check_tensor("weight_bwd", weight_bwd, 2, (channels, width))
-    for name, bias in (("bias_fwd", bias_fwd), ("bias_bwd", bias_bwd)):
+    _check_tensor("weight_rev", weight_rev, 2, (channels, width))
+    for name, bias in (("bias_fwd", bias_fwd), ("bias_rev", bias_rev)):
         if bias is not None:
             _check_tensor(name, bias, 1, (channels,))
-    if _resolve_backend(backend, x) == "triton":
-        from vlonghorn.kernels import bidirectional_conv1d_silu_triton
-        return bidirectional_conv1d_silu_triton(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd)
+    if _conv_backend(backend, x, width) == "triton":
+        from vlonghorn import kernels
+        return kernels.bidirectional_conv1d_silu(x, weight_fwd, bias_fwd, weight_rev, bias_rev)
     # Parameters follow the activations' dtype (as autocast would), so bf16 activations work without autocast.
-    weight_fwd, bias_fwd, weight_bwd, bias_bwd = (
-        None if p is None else p.to(x.dtype) for p in (weight_fwd, bias_fwd, weight_bwd, bias_bwd))
+    weight_fwd, bias_fwd, weight_rev, bias_rev = (
+        None if p is None else p.to(x.dtype) for p in (weight_fwd, bias_fwd, weight_rev, bias_rev))
     xt = x.transpose(1, 2)
     y_fwd = F.conv1d(xt, weight_fwd[:, None], bias_fwd, padding=width - 1, groups=channels)[..., :-(width - 1)]
-    y_bwd = F.conv1d(xt, weight_bwd.flip(-1)[:, None], bias_bwd, padding=width - 1, groups=channels)[..., width - 1:]
-    return F.silu(y_fwd).transpose(1, 2), F.silu(y_bwd).transpose(1, 2)
+    y_rev = F.conv1d(xt, weight_rev.flip(-1)[:, None], bias_rev, padding=width - 1, groups=channels)[..., width - 1:]
+    return F.silu(y_fwd).transpose(1, 2), F.silu(y_rev).transpose(1, 2)
+
+
+def scan_redone_share(device):
+    """The running share of the Triton scan's reconstructing backward passes that had to be redone exactly on
+    `device` (docs/kernel_design.md section 4.6), or None where it has not run (CPU, the PyTorch path, fp32). Reading
+    it waits for the GPU: for logs, not for every step."""
+    if not triton_available():
+        return None
+    from vlonghorn.kernels import recon_share
+    return recon_share(device)

@@ -34,11 +34,11 @@ def longhorn_scan_ref(x, dt, k, q, dt_bias, D=None, z=None, reverse=False):
     return y
 
 
-def bidirectional_conv1d_silu_ref(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd):
+def bidirectional_conv1d_silu_ref(x, weight_fwd, bias_fwd, weight_rev, bias_rev):
     """Depthwise conv1d (kernel W) + SiLU in both scan directions, in float64.
 
     x: (B, L, E); weight_*: (E, W); bias_*: (E,) or None. The forward output is causal
-    (out[t] sees x[t-W+1..t]); the backward output is what a causal conv gives on the time-reversed
+    (out[t] sees x[t-W+1..t]); the rev output is what a causal conv gives on the time-reversed
     sequence, reversed back (out[t] sees x[t..t+W-1], taps in reverse order).
     """
     x = x.double()
@@ -46,10 +46,10 @@ def bidirectional_conv1d_silu_ref(x, weight_fwd, bias_fwd, weight_bwd, bias_bwd)
     xt = x.transpose(1, 2)
     xr = xt.flip(-1)
     out = []
-    for inp, weight, bias in ((xt, weight_fwd, bias_fwd), (xr, weight_bwd, bias_bwd)):
+    for inp, weight, bias in ((xt, weight_fwd, bias_fwd), (xr, weight_rev, bias_rev)):
         w = weight.double()[:, None, :]
         b = None if bias is None else bias.double()
         out.append(F.conv1d(F.pad(inp, (width - 1, 0)), w, b, groups=x.shape[-1]))
     y_fwd = F.silu(out[0]).transpose(1, 2)
-    y_bwd = F.silu(out[1].flip(-1)).transpose(1, 2)
-    return y_fwd, y_bwd
+    y_rev = F.silu(out[1].flip(-1)).transpose(1, 2)
+    return y_fwd, y_rev

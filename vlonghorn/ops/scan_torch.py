@@ -208,24 +208,24 @@ def longhorn_scan_torch(x, dt, k, q, dt_bias, D=None, z=None, reverse=False):
     return _scan(x, dt, k, q, _rows(dt_bias, batch), _rows(D, batch), z, reverse)
 
 
-def bidirectional_longhorn_scan_torch(x_fwd, x_bwd, dt_fwd, dt_bwd, k_fwd, q_fwd, k_bwd, q_bwd,
-                                      dt_bias_fwd, dt_bias_bwd, D_fwd=None, D_bwd=None, z=None):
-    """(y_fwd + y_bwd) / 2 * silu(z) in PyTorch (contract of `vlonghorn.ops.bidirectional_longhorn_scan`).
+def bidirectional_longhorn_scan_torch(x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd, k_rev, q_rev,
+                                      dt_bias_fwd, dt_bias_rev, D_fwd=None, D_rev=None, z=None):
+    """(y_fwd + y_rev) / 2 * silu(z) in PyTorch (contract of `vlonghorn.ops.bidirectional_longhorn_scan`).
 
-    Both directions run as one scan over a doubled batch, the backward direction's inputs reversed in time, so
+    Both directions run as one scan over a doubled batch, the rev direction's inputs reversed in time, so
     the step loop runs once for both. The flips are cheap (B, L, E)-sized copies; this is the portable path.
     """
     batch = x_fwd.shape[0]
 
-    def both(fwd, bwd):
-        return torch.cat([fwd, bwd.flip(1)], dim=0)
+    def both(fwd, rev):
+        return torch.cat([fwd, rev.flip(1)], dim=0)
 
     D = None
-    if D_fwd is not None or D_bwd is not None:
+    if D_fwd is not None or D_rev is not None:
         D_fwd = D_fwd if D_fwd is not None else x_fwd.new_zeros(x_fwd.shape[-1])
-        D_bwd = D_bwd if D_bwd is not None else x_bwd.new_zeros(x_bwd.shape[-1])
-        D = torch.cat([_rows(D_fwd, batch), _rows(D_bwd, batch)])
-    y = _scan(both(x_fwd, x_bwd), both(dt_fwd, dt_bwd), both(k_fwd, k_bwd), both(q_fwd, q_bwd),
-              torch.cat([_rows(dt_bias_fwd, batch), _rows(dt_bias_bwd, batch)]), D, None, False)
+        D_rev = D_rev if D_rev is not None else x_rev.new_zeros(x_rev.shape[-1])
+        D = torch.cat([_rows(D_fwd, batch), _rows(D_rev, batch)])
+    y = _scan(both(x_fwd, x_rev), both(dt_fwd, dt_rev), both(k_fwd, k_rev), both(q_fwd, q_rev),
+              torch.cat([_rows(dt_bias_fwd, batch), _rows(dt_bias_rev, batch)]), D, None, False)
     y = (y[:batch] + y[batch:].flip(1)) * 0.5
     return y if z is None else y * F.silu(z)

@@ -121,16 +121,16 @@ def test_scan_accepts_strided_views():
 
 def test_bidirectional_scan_torch_matches_reference():
     fwd = _scan_inputs(2, 23, 10, 4, seed=1)
-    bwd = _scan_inputs(2, 23, 10, 4, seed=2, use_z=False)
+    rev = _scan_inputs(2, 23, 10, 4, seed=2, use_z=False)
     z = fwd["z"]
     y = ops.bidirectional_longhorn_scan(
-        fwd["x"], bwd["x"], fwd["dt"], bwd["dt"], fwd["k"], fwd["q"], bwd["k"], bwd["q"],
-        fwd["dt_bias"], bwd["dt_bias"], fwd["D"], bwd["D"], z, backend="torch")
+        fwd["x"], rev["x"], fwd["dt"], rev["dt"], fwd["k"], fwd["q"], rev["k"], rev["q"],
+        fwd["dt_bias"], rev["dt_bias"], fwd["D"], rev["D"], z, backend="torch")
     ref_fwd = reference.longhorn_scan_ref(**{**fwd, "z": None})
-    ref_bwd = reference.longhorn_scan_ref(**bwd, reverse=True)
-    y_ref = (ref_fwd + ref_bwd) / 2 * F.silu(z)
+    ref_rev = reference.longhorn_scan_ref(**rev, reverse=True)
+    y_ref = (ref_fwd + ref_rev) / 2 * F.silu(z)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
-    tensors = [t for t in (*fwd.values(), *bwd.values()) if t is not None]
+    tensors = [t for t in (*fwd.values(), *rev.values()) if t is not None]
     grad = torch.randn_like(y)
     for g, g_ref in zip(torch.autograd.grad(y, tensors, grad), torch.autograd.grad(y_ref, tensors, grad)):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
@@ -202,7 +202,7 @@ def test_debug_flag_rejects_nan(monkeypatch):
 def test_conv_input_errors():
     x = torch.randn(2, 5, 4)
     w = torch.randn(4, 4)
-    with pytest.raises(ValueError, match=r"weight_bwd must have shape \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"weight_rev must have shape \(4, 4\)"):
         ops.bidirectional_conv1d_silu(x, w, None, torch.randn(3, 4), None, backend="torch")
     with pytest.raises(ValueError, match=r"bias_fwd must have shape \(4,\)"):
         ops.bidirectional_conv1d_silu(x, w, torch.randn(5), w, None, backend="torch")
@@ -230,3 +230,58 @@ def test_backend_environment_variable_decides_auto(monkeypatch):
     monkeypatch.setattr(longhorn, "_AUTO", "cuda")
     with pytest.raises(ValueError, match="VLONGHORN_BACKEND must be one of"):
         longhorn._resolve_backend("auto", torch.zeros(1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_and_expanded_parameters_match_contiguous(backend):
+    """dt_bias, D (scan) and the conv's weights and biases may be strided or expanded (stride-0) views; every backend
+    reads them as their values (the Triton launchers once read them as if contiguous)."""
+    torch.manual_seed(0)
+    B, L, E, N = 2, 9, 8, 16
+    x, dt, z = torch.randn(B, L, E), torch.randn(B, L, E), torch.randn(B, L, E)
+    k, q = torch.randn(B, L, N) * 0.5, torch.randn(B, L, N) * 0.5
+    views = {"strided": lambda v: torch.stack([v, torch.randn_like(v)], -1)[..., 0],
+             "expanded": lambda v: v[:1].expand(E)}
+    for kind, view in views.items():
+        for bias, D in ((view(torch.randn(E)), view(torch.randn(E))),):
+            assert not bias.is_contiguous()
+            got = ops.longhorn_scan(x, dt, k, q, bias, D, z, backend=backend)
+            ref = ops.longhorn_scan(x, dt, k, q, bias.contiguous(), D.contiguous(), z, backend="torch")
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"scan, {kind} parameters")
+            y = ops.bidirectional_longhorn_scan(x, x.flip(1), dt, dt, k, q, k, q, bias, bias, D, D, z, backend=backend)
+            y_ref = ops.bidirectional_longhorn_scan(x, x.flip(1), dt, dt, k, q, k, q, bias.contiguous(),
+                                                    bias.contiguous(), D.contiguous(), D.contiguous(), z,
+                                                    backend="torch")
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, msg=f"bidirectional scan, {kind} parameters")
+        w = torch.randn(E, 4) if kind == "strided" else torch.randn(1, 4)
+        w = torch.randn(E, 8)[:, ::2] if kind == "strided" else w.expand(E, 4)
+        b = view(torch.randn(E))
+        got = ops.bidirectional_conv1d_silu(x, w, b, w, b, backend=backend)
+        ref = ops.bidirectional_conv1d_silu(x, w.contiguous(), b.contiguous(), w.contiguous(), b.contiguous(),
+                                            backend="torch")
+        for a, r in zip(got, ref):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=f"conv, {kind} parameters")
+
+
+@pytest.mark.parametrize("width,dtype,param_dtype", [(3, torch.bfloat16, torch.float32),
+                                                     (4, torch.float64, torch.float32)])
+def test_conv_the_kernels_do_not_take_runs_on_torch_with_cast_parameters(width, dtype, param_dtype):
+    """backend="triton" with a conv the kernels do not take (width != 4, fp64) runs the PyTorch path, which casts
+    the parameters to the activations' dtype: the same result as backend="torch" (it raised a dtype error)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 8, dtype=dtype)
+    w, b = torch.randn(8, width, dtype=param_dtype), torch.randn(8, dtype=param_dtype)
+    got = ops.bidirectional_conv1d_silu(x, w, b, w, b, backend="triton")
+    ref = ops.bidirectional_conv1d_silu(x, w, b, w, b, backend="torch")
+    assert got[0].dtype == dtype
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r)
+
+
+def test_uses_triton_tells_where_a_scan_runs():
+    """The backend decision lives in ops: fp64 and state sizes the kernels' record cannot hold run on PyTorch even
+    when the Triton backend is asked for, and uses_triton says so."""
+    x32, x64 = torch.zeros(1, 2, 4), torch.zeros(1, 2, 4, dtype=torch.float64)
+    assert ops.uses_triton(x32, backend="triton") and not ops.uses_triton(x64, backend="triton")
+    assert not ops.uses_triton(x32, backend="triton", d_state=12)
+    assert not ops.uses_triton(x32, backend="torch")

@@ -9,6 +9,8 @@ import vlonghorn  # noqa: F401  (registers the models)
 from vlonghorn.models import VisionLonghorn
 
 SIZES = ["vlonghorn_tiny", "vlonghorn_small", "vlonghorn_base"]
+# the full-size models run on the GPU where there is one (on the CPU they take minutes each)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _nano(**kwargs):
@@ -40,15 +42,15 @@ def test_sizes_match_the_vim_family(name, width, millions):
 @pytest.mark.parametrize("name", SIZES)
 def test_forward_backward_at_224_and_320(name):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10)
-    out = model(torch.randn(1, 3, 224, 224))
+    model = timm.create_model(name, num_classes=10, device=DEV)
+    out = model(torch.randn(1, 3, 224, 224, device=DEV))
     assert out.shape == (1, 10) and torch.isfinite(out).all()
     out.sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
 
-    model = timm.create_model(name, num_classes=10, dynamic_img_size=True)
-    out = model(torch.randn(1, 3, 320, 320))
+    model = timm.create_model(name, num_classes=10, dynamic_img_size=True, device=DEV)
+    out = model(torch.randn(1, 3, 320, 320, device=DEV))
     assert out.shape == (1, 10) and torch.isfinite(out).all()
     out.mean().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -56,11 +58,12 @@ def test_forward_backward_at_224_and_320(name):
 
 @pytest.mark.parametrize("name", SIZES)
 def test_features_only_gives_stride_16_maps(name):
-    model = timm.create_model(name, features_only=True, out_indices=(5, 11, 23), dynamic_img_size=True).eval()
+    model = timm.create_model(name, features_only=True, out_indices=(5, 11, 23), dynamic_img_size=True,
+                              device=DEV).eval()
     assert model.feature_info.channels() == [model.feature_info.channels()[0]] * 3
     assert model.feature_info.reduction() == [16, 16, 16]
     with torch.no_grad():
-        feats = model(torch.randn(2, 3, 96, 128))
+        feats = model(torch.randn(2, 3, 96, 128, device=DEV))
     assert [tuple(f.shape) for f in feats] == [(2, model.feature_info.channels()[0], 6, 8)] * 3
 
 
@@ -231,3 +234,24 @@ def test_bad_pretrained_file_error_names_the_file(tmp_path, content, suffix):
         path.write_bytes(content)
     with pytest.raises(RuntimeError, match=f"could not load pretrained weights for vlonghorn_nano from {path}"):
         timm.create_model("vlonghorn_nano", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_build_errors_with_pretrained_are_not_loading_errors(tmp_path):
+    """pretrained=True names the weights only when loading them fails: a bad build argument stays its own error."""
+    path = tmp_path / "nano.safetensors"
+    save_file(_nano().state_dict(), str(path))
+    with pytest.raises(ValueError, match="global_pool must be") as info:
+        _nano(pretrained=True, global_pool="bogus", pretrained_cfg_overlay=dict(file=str(path)))
+    assert "could not load pretrained weights" not in str(info.value)
+
+
+def test_checkpoints_with_the_old_direction_name_load(tmp_path):
+    """Weights saved when the second scan direction was called `bwd` load into `rev`."""
+    model = _nano()
+    old = {k.replace(".mixer.rev.", ".mixer.bwd."): v for k, v in model.state_dict().items()}
+    assert any(".mixer.bwd." in k for k in old)
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path))
+    loaded = _nano(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

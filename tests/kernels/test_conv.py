@@ -1,0 +1,44 @@
+"""The bidirectional conv1d + SiLU kernels against the float64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_checks import (CUDA, DEV, GPU_LARGE, SMALL_CFG, _check, _grads, _mixer, _mixer_inputs, _randn, _rel,  # noqa: F401
+                           _scan_inputs, bidirectional_conv1d_silu_triton, bidirectional_longhorn_scan_triton,
+                           needs_cuda)
+from vlonghorn.kernels import longhorn_scan as longhorn_scan_triton  # noqa: F401
+from vlonghorn.kernels.launch import RECON_FLAGS, RECON_STATE, recon_share  # noqa: F401
+from vlonghorn.ops.reference import bidirectional_conv1d_silu_ref, longhorn_scan_ref  # noqa: F401
+
+
+# ----------------------------------------------------------------------------------------------------- conv
+CONV_CASES = [
+    # B, L, E, dtype, strided, bias
+    pytest.param(2, 37, 40, torch.float32, False, True, id="fp32"),
+    pytest.param(1, 1, 33, torch.float32, True, True, id="L1-strided"),
+    pytest.param(2, 3, 40, torch.float32, False, False, id="L3-nobias"),
+    pytest.param(2, 19, 40, torch.bfloat16, True, True, id="bf16-strided"),
+    pytest.param(4, 300, 200, torch.float32, True, True, id="large-fp32", marks=GPU_LARGE),
+    pytest.param(8, 197, 768, torch.bfloat16, True, True, id="large-bf16", marks=GPU_LARGE),
+]
+
+
+@pytest.mark.parametrize("B,L,E,dtype,strided,bias", CONV_CASES)
+def test_bidirectional_conv1d_silu(config, B, L, E, dtype, strided, bias):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(B, L, 2 * E if strided else E, generator=g).to(DEV, dtype).requires_grad_()
+    x = base[..., :E] if strided else base
+    params = [torch.randn(E, 4, generator=g) * 0.5, torch.randn(E, generator=g) if bias else None,
+              torch.randn(E, 4, generator=g) * 0.5, torch.randn(E, generator=g) if bias else None]
+    params = [p.to(DEV).requires_grad_() if p is not None else None for p in params]
+    leaves = [base] + [p for p in params if p is not None]
+    y_fwd, y_rev = bidirectional_conv1d_silu_triton(x, *params)
+    assert y_fwd.dtype == dtype and y_fwd.shape == (B, L, E) and y_rev.shape == (B, L, E)
+    g_fwd, g_bwd = _randn(B, L, E, dtype=dtype), _randn(B, L, E, dtype=dtype, seed=10)
+    got = torch.autograd.grad((y_fwd, y_rev), leaves, (g_fwd, g_bwd))
+    r_fwd, r_bwd = bidirectional_conv1d_silu_ref(x, *params)
+    ref = torch.autograd.grad((r_fwd, r_bwd), leaves, (g_fwd.double(), g_bwd.double()))
+    _check("x_fwd", y_fwd, r_fwd, dtype)
+    _check("x_bwd", y_rev, r_bwd, dtype)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        _check(f"grad {i}", a, b, dtype)

@@ -1,0 +1,95 @@
+"""Recompute around the scan: the kernels' recompute regions and the blocks' recompute_except_scan."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_checks import (CUDA, DEV, GPU_LARGE, SMALL_CFG, _check, _grads, _mixer, _mixer_inputs, _randn, _rel,  # noqa: F401
+                           _scan_inputs, bidirectional_conv1d_silu_triton, bidirectional_longhorn_scan_triton,
+                           needs_cuda)
+from vlonghorn.kernels import longhorn_scan as longhorn_scan_triton  # noqa: F401
+from vlonghorn.kernels.launch import RECON_FLAGS, RECON_STATE, recon_share  # noqa: F401
+from vlonghorn.ops.reference import bidirectional_conv1d_silu_ref, longhorn_scan_ref  # noqa: F401
+
+
+def test_keep_scan_outputs_region_runs_first_without_grad(config, monkeypatch):
+    """A recompute region keeps the scan's outputs on its first, gradient-free run and hands them back (no scan
+    launch) on the second; a first run with grad, whose graph nothing would keep, is refused with a clear error."""
+    from vlonghorn.kernels import ScanOutputs, keep_scan_outputs, launch
+    x, z, conv_params, scan_params = _mixer_inputs(1, 9, 40, seed=9)
+    store = ScanOutputs()
+    with torch.no_grad(), keep_scan_outputs(store):
+        y0 = _mixer(x, z, conv_params, scan_params)
+    assert len(store.kept) == 1 and store.kept[0][0][1].numel() > 0        # the training outputs (y_pre) were kept
+    launches = []
+    original = launch.scan_forward
+    monkeypatch.setattr(launch, "scan_forward", lambda *a: launches.append(1) or original(*a))
+    with keep_scan_outputs(store):
+        y1 = _mixer(x, z, conv_params, scan_params)
+    assert not launches and torch.equal(y0, y1) and y1.grad_fn is not None
+    with pytest.raises(RuntimeError, match="without grad"), keep_scan_outputs(ScanOutputs()):
+        _mixer(x, z, conv_params, scan_params)
+
+
+# ------------------------------------------------------------------------------- the model's selective recompute
+def test_recompute_mixer_keeps_only_the_scan(config, monkeypatch):
+    """In training on the Triton path, each block keeps the scan's outputs and recomputes the rest in the
+    backward: the scan's forward runs once per block, the conv's twice; outputs are those of the model that saves
+    everything, and so are the gradients up to the order in which the block input's gradient terms are summed;
+    on CUDA the peak memory of a training step drops."""
+    import timm
+    import vlonghorn  # noqa: F401  (registers the models)
+    from vlonghorn.kernels import launch
+    from vlonghorn.ops import longhorn as ops_longhorn
+    monkeypatch.setattr(ops_longhorn, "_AUTO", "triton")  # the interpreter stands in for CUDA on CPU
+    calls = {"scan": 0, "conv": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(launch, "scan_forward", counted("scan", launch.scan_forward))
+    monkeypatch.setattr(launch, "conv_forward", counted("conv", launch.conv_forward))
+    depth, (res, batch) = (2, (16, 2)) if not CUDA else (4, (224, 32))
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, res, res, device=DEV)
+    results = {}
+    for variant in ("saved", "recompute", "grad_checkpointing", "compiled"):
+        torch.manual_seed(1)
+        model = timm.create_model("vlonghorn_nano" if not CUDA else "vlonghorn_small", img_size=res, patch_size=8,
+                                  num_classes=5, depth=depth, recompute_mixer=variant != "saved").to(DEV)
+        model.set_grad_checkpointing(variant == "grad_checkpointing")
+        run = model
+        if variant == "compiled":  # a selective-checkpoint policy instead of ScanOutputs
+            run = torch.compile(model, fullgraph=True, backend="aot_eager" if not CUDA else "inductor")
+        calls.update(scan=0, conv=0)
+        if CUDA:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        with torch.autocast(DEV, torch.bfloat16, enabled=CUDA):
+            y = run(x)
+        y.float().square().sum().backward()
+        peak = torch.cuda.max_memory_allocated() - base if CUDA else None
+        results[variant] = (y.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}, peak)
+        # grad checkpointing recomputes whole blocks, the scan included; the compiler decides about the conv
+        assert calls["scan"] == depth * (1 + (variant == "grad_checkpointing")), (variant, calls)
+        if variant != "compiled":
+            assert calls["conv"] == depth * (1 + (variant != "saved")), (variant, calls)
+    y0, g0, peak0 = results["saved"]
+    for variant in ("recompute", "grad_checkpointing", "compiled"):
+        y, g, peak = results[variant]
+        for name, got, ref in [("y", y, y0)] + [(f"grad of {n}", g[n], g0[n]) for n in g0]:
+            if variant == "compiled" and CUDA:  # inductor fuses the bf16 elementwise ops its own way
+                assert _rel(got, ref.double()) < 1e-2, (variant, name, _rel(got, ref.double()))
+            elif variant == "recompute" and name != "y":
+                # the block input's gradient terms (residual, norm) are summed in another order: fp32 rounding
+                err = _rel(got, ref.double())
+                assert err < (1e-6 if not CUDA else 1e-3), (variant, name, err)
+            else:
+                assert torch.equal(got, ref), (variant, name)
+    if CUDA:
+        # what stays between forward and backward: the scan's outputs instead of every activation (at this
+        # depth the backward's own working set is a large part of the peak)
+        assert results["recompute"][2] < 0.75 * peak0, (results["recompute"][2], peak0)
