@@ -51,6 +51,7 @@ from timm.utils import ModelEmaV3
 import vlonghorn  # noqa: F401  (registers the vlonghorn models with timm)
 from vlonghorn.data import (ImageFolderDataset, ShardedBatchSampler, SplitError, build_eval_transform,
                             build_train_transform, find_classes, worker_init)
+from vlonghorn.ops import scan_redone_share
 
 _logger = logging.getLogger("train")
 
@@ -58,6 +59,16 @@ _logger = logging.getLogger("train")
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help, unless the help already speaks of its default or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
 
 class _KeyValueAction(argparse.Action):
     """`k=v k2=v2 ...` -> dict, values parsed as YAML scalars (2 -> int, 0.1 -> float, true -> bool, [1,2] -> list)."""
@@ -76,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train or fine-tune a timm classifier on an ImageFolder with Accelerate "
                     "(YAML recipe via --config; command-line values override it).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
     p.add_argument("--config", default=None, metavar="YAML",
                    help="recipe file whose keys are these options' names (dashes or underscores)")
@@ -174,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run, checkpoints and hardware")
     g.add_argument("--output", default="output/train", help="parent folder of run folders")
     g.add_argument("--experiment", default=None,
-                   help="run folder name (default: <config name>-<model>, stable so --resume auto finds it)")
+                   help="run folder name (default: <config name>-<model>); the same command run again after the run "
+                        "finished trains a new run in <name>-1, <name>-2, ...")
     g.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="'auto': continue this run folder from its latest checkpoint (start fresh if none); or a "
-                        "checkpoint folder / run folder to continue from")
+                   help="'auto': continue the newest run of this name from its latest checkpoint (start fresh if "
+                        "none; nothing to do if it finished); or a checkpoint folder / run folder to continue from")
     g.add_argument("--checkpoint-steps", type=int, default=1000,
                    help="also checkpoint every N optimizer updates inside an epoch (0: only at epoch ends)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many newest checkpoints to keep")
@@ -312,11 +324,89 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class Preemption:
-    """SIGTERM (sent by schedulers and `kill`) asks the run to checkpoint at the next update and exit."""
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
-    def __init__(self):
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _run_series(base: Path) -> list[Path]:
+    """`base` and the numbered runs beside it (`base-1`, `base-2`, ...) that exist, oldest first."""
+    numbered = []
+    if base.parent.is_dir():
+        for d in base.parent.iterdir():
+            suffix = d.name[len(base.name) + 1:] if d.name.startswith(f"{base.name}-") else ""
+            if suffix.isdigit() and d.is_dir():
+                numbered.append((int(suffix), d))
+    return ([base] if base.is_dir() else []) + [d for _, d in sorted(numbered)]
+
+
+def _epochs_done(checkpoint: Path) -> int:
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    return meta["epoch"] + 1 if meta["epoch_end"] else meta["epoch"]
+
+
+def resolve_run(base: Path, args: argparse.Namespace) -> tuple[Path, Path | None, list[tuple[int, str]]]:
+    """The run folder, the checkpoint to resume from (or None) and notes for the log.
+
+    A run folder is never trained over. As timm gives every run a folder of its own, running the command of a
+    finished run again starts a new run in the next free `<base>-<n>`; an unfinished run (one with a checkpoint)
+    must be continued with `--resume auto` or given another `--experiment`, so that no work is lost by mistake.
+    `--resume auto` continues the newest run of the series. At most the newest run of a series is unfinished.
+    """
+    series = _run_series(base)
+    newest = series[-1] if series else base
+    if args.resume == "auto":
+        resume_from = Checkpoints(newest, 1).latest()
+        if resume_from is None:
+            return newest, None, [(logging.INFO, f"--resume auto: no checkpoint in {newest} yet, starting fresh")]
+        return newest, resume_from, []
+    if args.resume is not None:
+        resume_from = Path(args.resume)
+        if (resume_from / "checkpoints").is_dir():
+            resume_from = Checkpoints(resume_from, 1).latest()
+        if resume_from is None or not (resume_from / "meta.json").is_file():
+            raise SystemExit(f"--resume {args.resume}: no checkpoint found there")
+        owner = next((d for d in series if d.resolve() in resume_from.resolve().parents), None)
+        if owner is not None or args.eval_only:
+            return owner or base, resume_from, []
+    else:
+        resume_from = None
+        if args.eval_only:
+            return base, None, []
+    latest = Checkpoints(newest, 1).latest()
+    if latest is None:      # a new series, or a run that stopped before its first checkpoint: start (over) there
+        return newest, resume_from, []
+    saved = newest / "args.yaml"
+    epochs = (yaml.safe_load(saved.read_text()) or {}).get("epochs") if saved.is_file() else None
+    done = _epochs_done(latest)
+    if epochs is None or done < epochs:
+        raise SystemExit(f"{newest} holds an unfinished run ({done} of {epochs or '?'} epochs done): pass --resume "
+                         f"auto to continue it, or --experiment NAME to start another")
+    number = int(newest.name[len(base.name) + 1:]) + 1 if newest != base else 1
+    run_dir = base.with_name(f"{base.name}-{number}")
+    return run_dir, resume_from, [(logging.INFO, f"{newest} holds a finished run ({done}/{epochs} epochs): this run "
+                                                 f"writes to {run_dir}")]
+
+
+class Preemption:
+    """SIGTERM (sent by schedulers and `kill`) asks the run to checkpoint at the next update and exit.
+
+    With several processes, all must stop at the same update, or some would enter save_state's barriers while
+    others keep training. Their flags are summed over a CPU (gloo) process group of their own, without waiting:
+    each check starts the sum of the flags as they are and returns the sum started at the previous check, which
+    every process reads at the same check (one update late). The training step never waits for the device.
+    Every process must call `requested` equally often, and `close` before the process group goes away.
+    """
+
+    def __init__(self, num_processes: int = 1):
         self.flag = False
+        self._group = torch.distributed.new_group(backend="gloo") if num_processes > 1 else None
+        self._pending: tuple[Any, torch.Tensor] | None = None    # the sum started at the previous check
         try:
             signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -326,12 +416,23 @@ class Preemption:
         self.flag = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
 
-    def requested(self, accelerator: Accelerator) -> bool:
-        if accelerator.num_processes == 1:
+    def requested(self) -> bool:
+        if self._group is None:
             return self.flag
-        # every process must agree, or some would enter save_state's barriers while others keep training
-        flag = torch.tensor(float(self.flag), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        stop = False
+        if self._pending is not None:
+            work, total = self._pending
+            work.wait()
+            stop = int(total[0]) > 0
+        flags = torch.tensor([int(self.flag)], dtype=torch.int32)
+        self._pending = (torch.distributed.all_reduce(flags, group=self._group, async_op=True), flags)
+        return stop
+
+    def close(self) -> None:
+        """Wait for the sum still in flight (all processes started it, so it completes)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -400,8 +501,9 @@ def create_model(args: argparse.Namespace, num_classes: int) -> tuple[torch.nn.M
 
 
 def export_weights(module: torch.nn.Module, folder: Path, model_name: str, num_classes: int, arch_kwargs: dict,
-                   data_config: dict, info: dict | None = None) -> None:
-    """Write `folder/model.safetensors` (atomically) and a timm `config.json`, so that both
+                   data_config: dict, tag: str, info: dict | None = None) -> None:
+    """Write `folder/model.safetensors` (atomically) and a timm `config.json` whose pretrained cfg carries `tag`
+    (timm's name for a set of weights: the run's name), so that both
     `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))` and
     `timm.create_model('local-dir:<folder>')` rebuild the model."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -414,7 +516,7 @@ def export_weights(module: torch.nn.Module, folder: Path, model_name: str, num_c
     pretrained_cfg = dict(getattr(module, "pretrained_cfg", {}) or {})
     pretrained_cfg = {k: v for k, v in pretrained_cfg.items()
                       if k not in ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict")}
-    pretrained_cfg.update(num_classes=num_classes, input_size=list(data_config["input_size"]),
+    pretrained_cfg.update(tag=tag, num_classes=num_classes, input_size=list(data_config["input_size"]),
                           mean=list(data_config["mean"]), std=list(data_config["std"]),
                           crop_pct=data_config["crop_pct"], interpolation=data_config["interpolation"])
     config = {"architecture": model_name, "num_classes": num_classes,
@@ -423,6 +525,36 @@ def export_weights(module: torch.nn.Module, folder: Path, model_name: str, num_c
     _write_text(folder / "config.json", json.dumps(config, indent=2, default=str))
     if info is not None:
         _write_text(folder / "info.json", json.dumps(info, indent=2))
+
+
+def open_splits(args: argparse.Namespace) -> tuple[ImageFolderDataset | None, ImageFolderDataset]:
+    """(the training split, None with --eval-only; the evaluation split, labelled as the training split).
+
+    A missing or malformed split is one line naming the option that chooses it, never a traceback."""
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        raise SystemExit(f"--data-dir {data_dir}: no such folder (expected <data-dir>/<split>/<class>/<image>)")
+
+    def split_error(option: str, split: str, error: SplitError) -> SystemExit:
+        found = sorted(d.name for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+        return SystemExit(f"{option} {split}: {error}; {data_dir} holds {', '.join(found) or 'no folders'}: "
+                          f"name the split with {option}")
+
+    train_set, class_to_idx = None, None
+    train_dir = data_dir / args.train_split
+    try:
+        if not args.eval_only:
+            train_set = ImageFolderDataset(data_dir, args.train_split)
+            class_to_idx = train_set.class_to_idx
+        elif train_dir.is_dir():  # labels still follow the training split's class folders when it is there
+            class_to_idx = find_classes(train_dir)
+    except SplitError as e:
+        raise split_error("--train-split", args.train_split, e) from None
+    try:
+        val_set = ImageFolderDataset(data_dir, args.val_split, class_to_idx=class_to_idx)
+    except SplitError as e:
+        raise split_error("--val-split", args.val_split, e) from None
+    return train_set, val_set
 
 
 def build_loaders(args, accelerator: Accelerator, data_config: dict, train_set: ImageFolderDataset | None,
@@ -460,39 +592,37 @@ def build_loaders(args, accelerator: Accelerator, data_config: dict, train_set: 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, args, desc: str) -> dict:
-    """Loss, top-1 and top-5 (%) over the whole split, exact across processes (each sample counted once).
+    """Loss, top-1 and top-5 (%) over the split's readable images, exact across processes (each counted once),
+    and `skipped`, the number of unreadable ones.
 
+    The dataset hands an unreadable image's place to its next readable neighbour (marked by a nonzero skip count),
+    which is also evaluated in its own place: those stand-ins are left out, so no image counts twice.
     Pass the unwrapped model: processes may see one batch more or less, and a DDP forward could wait on the others.
     """
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top1, top5, count
+    totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, top1, top5, count, skipped
     bar = tqdm(loader, desc=desc, leave=False, disable=not (args.progress and accelerator.is_main_process))
-    for images, targets, _ in bar:
+    for images, targets, skipped in bar:
         images = images.to(accelerator.device, non_blocking=True)
         targets = targets.to(accelerator.device, non_blocking=True)
+        skipped = skipped.to(accelerator.device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits = model(images)
         logits = logits.float()
         k = min(5, logits.shape[1])
-        correct = logits.topk(k, dim=1).indices.eq(targets[:, None])
-        totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
-                               correct[:, :1].sum().double(), correct.sum().double(),
-                               torch.tensor(float(len(targets)), dtype=torch.float64, device=totals.device)])
+        readable = (skipped == 0).double()
+        correct = logits.topk(k, dim=1).indices.eq(targets[:, None]).double() * readable[:, None]
+        loss = F.cross_entropy(logits, targets, reduction="none").double() * readable
+        totals += torch.stack([loss.sum(), correct[:, :1].sum(), correct.sum(), readable.sum(),
+                               (1.0 - readable).sum()])
     totals = accelerator.reduce(totals, reduction="sum") if accelerator.num_processes > 1 else totals
-    loss, top1, top5, count = totals.tolist()
-    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
-
-
-def _scan_redone_share(device: torch.device) -> float | None:
-    """The Triton scan backward's running share of redone programs on this device (NOTES_kernels.md item 34), or
-    None where it has not run (CPU, the PyTorch path, fp32)."""
-    try:
-        from vlonghorn.kernels.interface import recon_share
-    except ImportError:     # no triton
-        return None
-    return recon_share(device)
+    loss, top1, top5, count, skipped = totals.tolist()
+    if count == 0:
+        raise SystemExit(f"{desc}: none of the {int(skipped)} images of --val-split {args.val_split} can be read")
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
+            "skipped": int(round(skipped))}
 
 
 def train_one_epoch(epoch: int, ctx: dict) -> bool:
@@ -535,8 +665,9 @@ def train_one_epoch(epoch: int, ctx: dict) -> bool:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
+        # samples whose own image was unreadable (the skip counts summed would count a run of bad files repeatedly)
         local += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device),
-                              skipped.sum().to(device=device, dtype=torch.float64)])
+                              (skipped > 0).sum().to(device=device, dtype=torch.float64)])
         interval_loss += loss.float()
         interval_n += 1
         state.samples_done += micro_batch
@@ -554,7 +685,7 @@ def train_one_epoch(epoch: int, ctx: dict) -> bool:
             lr = max(group["lr"] for group in optimizer.param_groups)
             img_s = (i + 1) * micro_batch / elapsed
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
-            redone = _scan_redone_share(accelerator.device)
+            redone = scan_redone_share(accelerator.device)   # None where the reconstructing backward never ran
             if bar.disable:  # no progress bar (batch jobs, logs): a line per interval instead
                 _logger.info("train %d [%d/%d] loss %.4f lr %.3g %.0f img/s%s", epoch, i + 1, n_batches, mean_loss, lr,
                              img_s, "" if redone is None else f" | scan backward redone {redone:.3f}")
@@ -565,7 +696,7 @@ def train_one_epoch(epoch: int, ctx: dict) -> bool:
 
         # the epoch's last update is checkpointed by the epoch-end save, after evaluation
         if accelerator.sync_gradients and i + 1 < n_batches:
-            stop = ctx["preemption"].requested(accelerator) or (
+            stop = ctx["preemption"].requested() or (
                 args.stop_after_steps is not None and state.updates >= args.stop_after_steps)
             if stop or (args.checkpoint_steps and state.updates % args.checkpoint_steps == 0):
                 fold_local()
@@ -589,7 +720,8 @@ def train_one_epoch(epoch: int, ctx: dict) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "ema_eval_loss",
-                  "ema_eval_top1", "ema_eval_top5", "epoch_time_s", "train_img_s", "skipped_images"]
+                  "ema_eval_top1", "ema_eval_top5", "epoch_time_s", "train_img_s", "skipped_images",
+                  "eval_skipped_images"]
 
 
 def write_summary(run_dir: Path, history: list[dict]) -> None:
@@ -647,11 +779,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--data-dir is required (an ImageFolder root with train/ and val/ splits)")
     experiment = args.experiment or "-".join(filter(None, [Path(args.config).stem if args.config else None,
                                                            args.model]))
-    run_dir = Path(args.output) / experiment
+    run_dir, resume_from, notes = resolve_run(Path(args.output) / experiment, args)
     checkpoints = Checkpoints(run_dir, args.keep_checkpoints)
-    if not args.eval_only and args.resume is None and checkpoints.latest() is not None:
-        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume auto to continue that run, or choose "
-                         f"another --experiment / --output")
 
     dynamo_plugin = None
     if args.compile:
@@ -675,32 +804,49 @@ def main(argv: list[str] | None = None) -> dict:
                                                                 sync_with_dataloader=False),
         dynamo_plugin=dynamo_plugin,
         log_with=None if args.eval_only else "tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if accelerator.is_main_process and not args.eval_only:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+        # the tracker is named "tensorboard" and writes to <logging_dir>/<its name>: <run>/tensorboard/
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout)], force=True)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every checkpoint
-    accelerator.wait_for_everyone()
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (e.g. the loss) on Ampere+
     torch.backends.cudnn.allow_tf32 = True
 
-    # both splits are scanned and checked before the model exists, so a bad --data-dir fails in seconds
+    if resume_from is not None and not args.eval_only and _epochs_done(resume_from) >= args.epochs:
+        best = _read_json(run_dir / "best" / "info.json")
+        _logger.info("%s already finished training (%d/%d epochs%s): nothing to do. To train again, leave out "
+                     "--resume (a new run folder); to train this run longer, raise --epochs.", run_dir,
+                     _epochs_done(resume_from), args.epochs,
+                     f"; best top-1 {best['eval_top1']:.2f} at epoch {best['epoch']}, in {run_dir / 'best'}"
+                     if best else "")
+        return {"history": [], "finished": True, "run_dir": str(run_dir)}
+
+    # both splits are scanned and checked before the model or the run folder exists, so a bad --data-dir fails in
+    # seconds and leaves nothing behind
     t_setup = time.perf_counter()
-    train_dir = Path(args.data_dir) / args.train_split
-    if args.eval_only:  # labels still follow the training split's class folders when it is there
-        train_set, class_to_idx = None, find_classes(train_dir) if train_dir.is_dir() else None
-    else:
-        train_set = ImageFolderDataset(args.data_dir, args.train_split)
-        class_to_idx = train_set.class_to_idx
-    val_set = ImageFolderDataset(args.data_dir, args.val_split, class_to_idx=class_to_idx)
+    train_set, val_set = open_splits(args)
     dataset_classes = len(val_set.class_to_idx)
     num_classes = args.num_classes or dataset_classes
     if num_classes < dataset_classes:
         raise SystemExit(f"--num-classes {num_classes} is smaller than the {dataset_classes} class folders")
+    update_size = args.batch_size * args.grad_accum_steps * accelerator.num_processes
+    if train_set is not None and len(train_set) < update_size:
+        raise SystemExit(f"--batch-size {args.batch_size}: the training split's {len(train_set)} images are too few "
+                         f"for one update of {args.batch_size} x {args.grad_accum_steps} accumulation steps x "
+                         f"{accelerator.num_processes} processes")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not args.eval_only:
+            handler = logging.FileHandler(run_dir / "train.log")
+            handler.setFormatter(logging.getLogger().handlers[0].formatter)
+            logging.getLogger().addHandler(handler)
+    accelerator.wait_for_everyone()
+    for level, message in notes:
+        _logger.log(level, message)
+    if not args.eval_only:
+        _logger.info("run folder %s: train.log, args.yaml, summary.csv and .png, tensorboard/, checkpoints/, last/ "
+                     "and best/ weights", run_dir)
     _logger.info("data %s: %s train / %d %s images, %d classes (scanned in %.1fs)", args.data_dir,
                  len(train_set) if train_set is not None else "-", len(val_set), args.val_split, dataset_classes,
                  time.perf_counter() - t_setup)
@@ -759,37 +905,30 @@ def main(argv: list[str] | None = None) -> dict:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    if args.resume:
-        resume_from = None
-        if args.resume == "auto":
-            resume_from = checkpoints.latest()
-            if resume_from is None:
-                _logger.info("--resume auto: no checkpoint in %s yet, starting fresh", checkpoints.dir)
-        else:
-            resume_from = Path(args.resume)
-            if (resume_from / "checkpoints").is_dir():
-                resume_from = Checkpoints(resume_from, 1).latest()
-            if resume_from is None or not resume_from.is_dir():
-                raise SystemExit(f"--resume {args.resume}: no checkpoint found there")
-        if resume_from is not None:
-            accelerator.load_state(str(resume_from))
-            scheduler.step_update(num_updates=state.updates)
-            _logger.info("resumed from %s: epoch %d, %d samples into it, update %d", resume_from, state.epoch,
-                         state.samples_done, state.updates)
-            if state.samples_done and (state.world_size != accelerator.num_processes
-                                       or state.batch_size != args.batch_size):
-                _logger.warning("resuming mid-epoch with a different world size or batch size: the rest of epoch "
-                                "%d is re-sharded from sample %d on (no sample repeated or lost, order differs)",
-                                state.epoch, state.samples_done)
-            state.world_size, state.batch_size = accelerator.num_processes, args.batch_size
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        scheduler.step_update(num_updates=state.updates)
+        _logger.info("resumed from %s: epoch %d, %d samples into it, update %d", resume_from, state.epoch,
+                     state.samples_done, state.updates)
+        if state.samples_done and (state.world_size != accelerator.num_processes
+                                   or state.batch_size != args.batch_size):
+            _logger.warning("resuming mid-epoch with a different world size or batch size: the rest of epoch "
+                            "%d is re-sharded from sample %d on (no sample repeated or lost, order differs)",
+                            state.epoch, state.samples_done)
+        state.world_size, state.batch_size = accelerator.num_processes, args.batch_size
 
     if args.eval_only:
         results = {"model": evaluate(plain_model, val_loader, accelerator, args, "eval")}
-        if ema is not None and args.resume:
+        if ema is not None and resume_from is not None:
             results["model_ema"] = evaluate(ema.module, val_loader, accelerator, args, "eval (EMA)")
         if accelerator.is_main_process:
             print(json.dumps(results, indent=2))
             _write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
+        if results["model"]["skipped"]:
+            _logger.warning("%d unreadable %s images were left out", results["model"]["skipped"], args.val_split)
+        _logger.info("eval of %d %s images: top-1 %.2f top-5 %.2f; results in %s", len(val_set) -
+                     results["model"]["skipped"], args.val_split, results["model"]["top1"], results["model"]["top5"],
+                     run_dir / "eval_results.json")
         accelerator.end_training()
         return results
 
@@ -817,7 +956,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     ctx = dict(args=args, accelerator=accelerator, state=state, model=model, plain_model=plain_model,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, mixup_fn=mixup_fn,
-               criterion=criterion, ema=ema, checkpoints=checkpoints, preemption=Preemption())
+               criterion=criterion, ema=ema, checkpoints=checkpoints,
+               preemption=Preemption(accelerator.num_processes))
+    t_run, epoch_start = time.perf_counter(), state.epoch
     while state.epoch < args.epochs:
         epoch = state.epoch
         if args.stop_after_epochs is not None and epoch >= args.stop_after_epochs:
@@ -836,11 +977,12 @@ def main(argv: list[str] | None = None) -> dict:
                "lr": max(group["lr"] for group in optimizer.param_groups),
                "ema_eval_loss": ema_metrics.get("loss"), "ema_eval_top1": ema_metrics.get("top1"),
                "ema_eval_top5": ema_metrics.get("top5"), "epoch_time_s": ctx.get("epoch_time"),
-               "train_img_s": ctx.get("epoch_img_s"), "skipped_images": state.skipped}
+               "train_img_s": ctx.get("epoch_img_s"), "skipped_images": state.skipped,
+               "eval_skipped_images": metrics["skipped"]}
         state.history.append(row)
-        if state.skipped:
-            _logger.warning("epoch %d: %d unreadable images were skipped (replaced by their neighbours)", epoch,
-                            state.skipped)
+        if state.skipped or metrics["skipped"]:
+            _logger.warning("epoch %d: unreadable images were skipped: %d in training (replaced by their neighbours), "
+                            "%d in evaluation (left out)", epoch, state.skipped, metrics["skipped"])
 
         candidates = [("model", metrics["top1"], plain_model)]
         if ema is not None:
@@ -851,7 +993,7 @@ def main(argv: list[str] | None = None) -> dict:
             state.best_top1, state.best_epoch, state.best_source = top1, epoch, source
         if accelerator.is_main_process:
             export = dict(model_name=args.model, num_classes=num_classes, arch_kwargs=arch_kwargs,
-                          data_config=data_config)
+                          data_config=data_config, tag=run_dir.name)
             export_weights(plain_model, run_dir / "last", **export,
                            info={"epoch": epoch, "source": "model", "eval_top1": metrics["top1"]})
             if ema is not None:
@@ -875,15 +1017,27 @@ def main(argv: list[str] | None = None) -> dict:
                      "best %.2f (epoch %d, %s)", epoch, row["train_loss"], metrics["loss"], metrics["top1"],
                      metrics["top5"], f" | EMA top-1 {ema_metrics['top1']:.2f}" if ema else "",
                      row["epoch_time_s"], row["train_img_s"], state.best_top1, state.best_epoch, state.best_source)
-        if ctx["preemption"].requested(accelerator) or (
+        if ctx["preemption"].requested() or (
                 args.stop_after_steps is not None and state.updates >= args.stop_after_steps):
             _logger.info("stopping after epoch %d (update %d) as asked; continue with --resume auto", epoch,
                          state.updates)
             break
 
+    ctx["preemption"].close()
     if accelerator.is_main_process:
         write_summary(run_dir, state.history)
     accelerator.end_training()
+    elapsed = _duration(time.perf_counter() - t_run)
+    best = f"best top-1 {state.best_top1:.2f} (epoch {state.best_epoch}, {state.best_source})"
+    if state.epoch >= args.epochs:
+        _logger.info("training finished: %d epochs (%s for the last %d): %s | outputs in %s: best/ and last/ "
+                     "weights (load with timm.create_model('local-dir:%s', pretrained=True)), summary.csv, "
+                     "summary.png, train.log, tensorboard/", args.epochs, elapsed, state.epoch - epoch_start, best,
+                     run_dir, run_dir / "best")
+    else:
+        _logger.info("stopped with %d of %d epochs done (update %d, after %s): %s | outputs so far in %s; continue "
+                     "with the same command and --resume auto", state.epoch, args.epochs, state.updates, elapsed,
+                     best if state.best_epoch >= 0 else "no epoch evaluated yet", run_dir)
     return {"history": state.history, "best_top1": state.best_top1, "best_epoch": state.best_epoch,
             "run_dir": str(run_dir)}
 

@@ -1,9 +1,10 @@
 """CPU inference latency of vlonghorn models next to timm's DeiT of the same size, in one process.
 
-    python benchmarks/bench_cpu.py [--models vlonghorn_small] [--batches 1 8] [--repeats 10]
+    python benchmarks/bench_cpu.py [--models vlonghorn_small] [--batches 1 8] [--repeats 10] [--tag TAG]
 
 Eval mode, torch.inference_mode(), fp32, random inputs; median of --repeats after a warm-up. Writes
-benchmarks/results/cpu_latency_<date>[_<tag>].{json,md} with the machine, versions, date and malloc settings.
+cpu_latency_cpu-<model>_<date>[_<tag>].{json,md} into --out (default benchmarks/results) with the machine, versions,
+date and malloc settings.
 
 On virtual machines where a page fault is expensive, glibc returning large freed blocks to the kernel makes every
 big allocation fault its pages in again; both models pay it. Running with
@@ -11,43 +12,24 @@ big allocation fault its pages in again; both models pay it. Running with
 keeps freed memory in the process; the settings in force are recorded with the results.
 """
 import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
-import time
-from pathlib import Path
 
 import timm
 import torch
 
-import vlonghorn  # noqa: F401
+import vlonghorn  # noqa: F401  (registers the models with timm)
+from harness import RESULTS, cpu_time, environment, md_table, write_result
 
 PEERS = {"vlonghorn_tiny": "deit_tiny_patch16_224", "vlonghorn_small": "deit_small_patch16_224",
          "vlonghorn_base": "deit_base_patch16_224"}
+RESOLUTION = 224
 
 
-def latency(model, batch, repeats, size=224):
-    x = torch.randn(batch, 3, size, size)
+def latency(model, batch, repeats):
+    """(median, min) seconds of one forward."""
+    x = torch.randn(batch, 3, RESOLUTION, RESOLUTION)
     with torch.inference_mode():
-        model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
-
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return cpu_time(lambda: model(x), repeats)
 
 
 def main():
@@ -55,7 +37,7 @@ def main():
     parser.add_argument("--models", nargs="+", default=["vlonghorn_small"], choices=sorted(PEERS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--tag", default="", help="suffix for the result files")
     args = parser.parse_args()
 
@@ -73,25 +55,18 @@ def main():
                              ratio=round(ours_median / peer_median, 2)))
             print(rows[-1], flush=True)
 
-    date = datetime.date.today().isoformat()
-    meta = dict(date=date, cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(),
-                torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
-                repeats=args.repeats, resolution=224,
-                malloc={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu_latency_{date}" + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
-    lines = [f"# CPU inference latency, 224 px, fp32 ({date})", "",
+    meta = environment("cpu", threads=torch.get_num_threads(), repeats=args.repeats, resolution=RESOLUTION,
+                       malloc={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")})
+    lines = [f"# CPU inference latency, {RESOLUTION} px, fp32 ({meta['date'][:10]})", "",
              f"{meta['cpu']}, {meta['cores']} cores, {meta['threads']} torch threads; torch {meta['torch']}, "
              f"timm {meta['timm']}. Median of {args.repeats} runs after a warm-up (min in brackets). "
-             f"malloc settings: {meta['malloc'] or 'glibc defaults'}.", "",
-             "| model | batch | ms | peer | peer ms | ratio (ours / peer) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['ms']} ({r['ms_min']}) | {r['peer']} | "
-                     f"{r['peer_ms']} ({r['peer_ms_min']}) | {r['ratio']} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             f"malloc settings: {meta['malloc'] or 'glibc defaults'}.", ""]
+    lines += md_table(["model", "batch", "ms", "peer", "peer ms", "ratio (ours / peer)"],
+                      [[r["model"], r["batch"], f"{r['ms']} ({r['ms_min']})", r["peer"],
+                        f"{r['peer_ms']} ({r['peer_ms_min']})", r["ratio"]] for r in rows])
+    md = "\n".join(lines) + "\n"
+    stem = write_result("cpu_latency", meta, {"rows": rows}, md, args.tag, args.out)
+    print(md + f"\nwritten: {stem}.{{json,md}}")
 
 
 if __name__ == "__main__":

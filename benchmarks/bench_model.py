@@ -1,6 +1,7 @@
 """vlonghorn_small against deit_small_patch16_224, end to end, in one process on one GPU.
 
     python benchmarks/bench_model.py [--out DIR] [--res 224 1024 2048] [--batch 256 16 2] [--compile [MODE]]
+                                     [--tag TAG]
 
 For each resolution: inference (model.eval(), torch.inference_mode(), bf16 autocast) and a training step
 (bf16 autocast, forward + backward + fused AdamW step), images/s from the median of CUDA-event-timed repeats
@@ -8,20 +9,18 @@ after warm-up, peak memory (torch.cuda.max_memory_allocated), and the ratios vlo
 created at the resolution (img_size=...), the same batch for both, random inputs. vlonghorn_small runs twice:
 as created by default (selective recompute of each block's non-scan ops in training) and with
 recompute_mixer=False (every activation saved). --compile wraps every model in torch.compile (default mode, or
-MODE, e.g. reduce-overhead for CUDA graphs) and writes model_<device>_compiled[_MODE].*. A resolution given twice
-(at two batch sizes) is kept as two entries. Writes model_<device>.json and .md into --out (default
-benchmarks/results).
+MODE, e.g. reduce-overhead for CUDA graphs; the file tag gets compiled[_MODE]). A resolution given twice (at two
+batch sizes) is kept as two entries. Writes model_<device>_<date>[_<tag>].{json,md} into --out (default
+benchmarks/results); the json after every measurement, so partial results survive a timeout.
 """
 import argparse
-import datetime
 import json
-import os
 
 import timm
 import torch
-import triton
 
-import vlonghorn  # noqa: E402,F401  (registers the models with timm)
+import vlonghorn  # noqa: F401  (registers the models with timm)
+from harness import RESULTS, env_line, environment, gpu_time, md_table, training_step, write_result
 
 # label: (timm name, create_model kwargs); the first is the default vlonghorn, the last the peer
 MODELS = {
@@ -30,22 +29,6 @@ MODELS = {
     "deit_small_patch16_224": ("deit_small_patch16_224", {}),
 }
 PEER = "deit_small_patch16_224"
-
-
-def _time(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2] * 1e-3  # seconds
 
 
 def bench_one(name, res, batch, reps, train=True, compile=None, **kwargs):
@@ -62,104 +45,79 @@ def bench_one(name, res, batch, reps, train=True, compile=None, **kwargs):
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
             run(x)
 
-    t = _time(infer, 3, reps)
-    out["infer_img_s"] = batch / t
+    out["infer_img_s"] = batch / gpu_time(infer, reps, warmup=3)
     out["infer_peak_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
     if train:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         target = torch.randint(0, 1000, (batch,), device="cuda")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-        def step():
-            with torch.autocast("cuda", torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(run(x), target)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = training_step(run, model.parameters(), x, target)
 
         try:
-            t = _time(step, 2, reps)
-            out["train_img_s"] = batch / t
+            out["train_img_s"] = batch / gpu_time(step, reps, warmup=2)
             out["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
         except torch.OutOfMemoryError:
             out["train_img_s"] = None
             out["train_peak_GiB"] = "OOM"
-        del opt
-    del model, run, x
-    torch.cuda.empty_cache()
     return out
+
+
+def _ratio(a, b):
+    return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) and b else ""
 
 
 def report(meta, results):
     """The markdown tables of a run (meta and results as written to the json)."""
-    lines = [f"# End to end: vlonghorn_small vs deit_small ({meta['device']})", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, timm {meta['timm']}, {meta['date']}; "
-             "bf16 autocast; inference under inference_mode; training step with fused AdamW"
-             + (f"; every model under torch.compile (mode {meta['compile']})." if meta["compile"] else "."), "",
-             "| res | batch | model | infer img/s | infer peak GiB | train img/s | train peak GiB |", "|" + "---|" * 7]
+    lines = ["# End to end: vlonghorn_small vs deit_small", "",
+             f"{env_line(meta)}; bf16 autocast; inference under inference_mode; training step with fused AdamW"
+             + (f"; every model under torch.compile (mode {meta['compile']})." if meta["compile"] else "."), ""]
+    rows = []
     for r in results.values():
         for name in MODELS:
             m = r[name]
-            tr = "" if m.get("train_img_s") is None else f"{m['train_img_s']:.1f}"
             tp = m.get("train_peak_GiB")
-            tp = tp if isinstance(tp, str) else f"{tp:.2f}"
-            lines.append(f"| {r['res']} | {r['batch']} | {name} | {m['infer_img_s']:.1f} | {m['infer_peak_GiB']:.2f} | "
-                         f"{tr} | {tp} |")
-    lines += ["", "| res | batch | model | inference ratio (vlonghorn / deit) | training ratio | training peak memory "
-              "ratio |", "|---|---|---|---|---|---|"]
-    for r in results.values():
-        d = r[PEER]
-        for label in MODELS:
-            if label == PEER:
-                continue
-            v = r[label]
-            tr = (f"{v['train_img_s'] / d['train_img_s']:.2f}" if v.get("train_img_s") and d.get("train_img_s")
-                  else "")
-            mr = (f"{v['train_peak_GiB'] / d['train_peak_GiB']:.2f}"
-                  if not isinstance(v.get("train_peak_GiB"), str) and not isinstance(d.get("train_peak_GiB"), str)
-                  else "")
-            lines.append(f"| {r['res']} | {r['batch']} | {label} | {v['infer_img_s'] / d['infer_img_s']:.2f} | {tr} | "
-                         f"{mr} |")
+            rows.append([r["res"], r["batch"], name, f"{m['infer_img_s']:.1f}", f"{m['infer_peak_GiB']:.2f}",
+                         "" if m.get("train_img_s") is None else f"{m['train_img_s']:.1f}",
+                         tp if isinstance(tp, str) else f"{tp:.2f}"])
+    lines += md_table(["res", "batch", "model", "infer img/s", "infer peak GiB", "train img/s", "train peak GiB"],
+                      rows)
+    rows = [[r["res"], r["batch"], label, _ratio(r[label]["infer_img_s"], r[PEER]["infer_img_s"]),
+             _ratio(r[label].get("train_img_s"), r[PEER].get("train_img_s")),
+             _ratio(r[label].get("train_peak_GiB"), r[PEER].get("train_peak_GiB"))]
+            for r in results.values() for label in MODELS if label != PEER]
+    lines += [""] + md_table(["res", "batch", "model", "inference ratio (vlonghorn / deit)", "training ratio",
+                              "training peak memory ratio"], rows)
     return "\n".join(lines) + "\n"
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--res", type=int, nargs="+", default=[224, 1024, 2048])
     ap.add_argument("--batch", type=int, nargs="+", default=[256, 16, 2])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="torch.compile every model (warm-up includes compiling), in its default mode or MODE")
+    ap.add_argument("--tag", default="", help="suffix for the result files (after compiled[_MODE])")
     opt = ap.parse_args()
-    dev = torch.cuda.get_device_name()
-    from vlonghorn.kernels import CONFIG
-    meta = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "timm": timm.__version__,
-            "kernel_config": dict(CONFIG),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "autocast": "bfloat16",
-            "optimizer": "AdamW(fused=True)", "compile": opt.compile or False}
+    meta = environment(autocast="bfloat16", optimizer="AdamW(fused=True)", compile=opt.compile or False)
+    tag = "_".join(t for t in ("compiled" if opt.compile else "",
+                               opt.compile if opt.compile not in (None, "default") else "", opt.tag) if t)
     results = {}
-    os.makedirs(opt.out, exist_ok=True)
-    tag = dev.replace(" ", "_").replace("/", "_") + ("_compiled" if opt.compile else "")
-    tag += f"_{opt.compile}" if opt.compile not in (None, "default") else ""
     for res, batch in zip(opt.res, opt.batch):
         key = res if opt.res.count(res) == 1 else f"{res}_b{batch}"    # one resolution at several batch sizes
         results[key] = {"res": res, "batch": batch}
         for label, (name, kwargs) in MODELS.items():
             r = bench_one(name, res, batch, opt.reps if res <= 1024 else max(2, opt.reps // 3), compile=opt.compile,
                           **kwargs)
+            torch.cuda.empty_cache()       # the model and its optimizer are gone with bench_one's frame
             results[key][label] = r
             print(res, batch, label, json.dumps(r), flush=True)
-            with open(os.path.join(opt.out, f"model_{tag}.json"), "w") as fh:  # partial results survive a timeout
-                json.dump({"meta": meta, "results": results}, fh, indent=1)
+            write_result("model", meta, {"results": results}, tag=tag, out=opt.out)
     md = report(meta, results)
-    print(md)
-    with open(os.path.join(opt.out, f"model_{tag}.json"), "w") as fh:
-        json.dump({"meta": meta, "results": results}, fh, indent=1)
-    with open(os.path.join(opt.out, f"model_{tag}.md"), "w") as fh:
-        fh.write(md)
+    stem = write_result("model", meta, {"results": results}, md, tag, opt.out)
+    print(md + f"\nwritten: {stem}.{{json,md}}")
 
 
 if __name__ == "__main__":

@@ -4,39 +4,30 @@
     python benchmarks/cifar_report.py report RUN_DIR [RUN_DIR ...] --out-dir benchmarks/results
 
 `report` reads each run's summary.csv, args.yaml and the wall_clock.json written by train_cifar_gpu.sh, and
-writes cifar10_gpu.{md,csv,json,png}: per-epoch top-1 curves, wall clock and images/s of every model.
+writes cifar10_<device>_<date>[_<tag>].{md,csv,json,png} (device: the GPUs of the host, e.g. h200-x2): per-epoch
+top-1 curves, wall clock and images/s of every model.
 """
 import argparse
 import csv
 import json
-import platform
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import yaml
 
+from harness import environment, result_stem, wall_time, write_result
 
-def _versions() -> dict:
+VERSIONS = ("python", "torch", "cuda", "triton", "timm", "accelerate", "albumentations")
+
+
+def _environment() -> dict:
     import accelerate
     import albumentations
-    import timm
-    out = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-           "accelerate": accelerate.__version__, "albumentations": albumentations.__version__,
-           "cuda": torch.version.cuda}
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
+    return environment(accelerate=accelerate.__version__, albumentations=albumentations.__version__)
 
 
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return platform.processor() or "cpu"
+def _devices(meta) -> str:
+    return f"{meta['gpus']} x {meta['device']}" if meta["device_type"] == "cuda" else meta["device"]
 
 
 def throughput(model_name: str, model_kwargs: dict, batch_size: int, steps: int, warmup: int) -> dict:
@@ -58,17 +49,10 @@ def throughput(model_name: str, model_kwargs: dict, batch_size: int, steps: int,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    seconds = wall_time(step, n=steps, warmup=warmup)
     return {"model": model_name, "model_kwargs": model_kwargs, "batch_size": batch_size, "steps": steps,
-            "img_per_s": batch_size * steps / elapsed, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "device": _device_name()}
+            "img_per_s": batch_size / seconds, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "device": _devices(environment())}
 
 
 def _read_run(run_dir: Path) -> dict:
@@ -87,21 +71,17 @@ def _read_run(run_dir: Path) -> dict:
             "wall_clock_s": wall.get("wall_clock_s"), "processes": processes}
 
 
-def report(run_dirs: list[Path], out_dir: Path, throughput_files: list[Path]) -> None:
+def report(run_dirs: list[Path], out_dir: Path, throughput_files: list[Path], tag: str = "") -> None:
     failed = [d for d in run_dirs if not (d / "summary.csv").is_file()]
     runs = [_read_run(d) for d in run_dirs if d not in failed]
     if not runs:
         raise SystemExit(f"no finished run among {[str(d) for d in run_dirs]}; see their logs")
     probes = [json.loads(p.read_text()) for p in throughput_files if p.exists()]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": _device_name(),
-            "versions": _versions()}
-    summary = {**meta, "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs],
-               "failed_runs": [str(d) for d in failed],
-               "synthetic_throughput": probes}
-    (out_dir / "cifar10_gpu.json").write_text(json.dumps(summary, indent=2, default=str))
-
-    with open(out_dir / "cifar10_gpu.csv", "w", newline="") as f:
+    meta = _environment()
+    gpus = max(meta["gpus"], 1) if meta["device_type"] == "cuda" else 1
+    stem = result_stem("cifar10", meta, tag, out_dir, gpus)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "epoch_time_s",
                          "train_img_s"])
@@ -118,18 +98,18 @@ def report(run_dirs: list[Path], out_dir: Path, throughput_files: list[Path]) ->
     for r in single:
         ax.plot([row["epoch"] + 1 for row in r["rows"]], [row["eval_top1"] for row in r["rows"]], "o-", ms=3,
                 label=f"{r['name']} (best {r['best_top1']:.2f}%)")
-    ax.set(xlabel="epoch", ylabel="CIFAR-10 test top-1 (%)", title=f"CIFAR-10, 32 px, patch 4 — {meta['device']}")
+    ax.set(xlabel="epoch", ylabel="CIFAR-10 test top-1 (%)", title=f"CIFAR-10, 32 px, patch 4 — {_devices(meta)}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "cifar10_gpu.png", dpi=110)
+    fig.savefig(f"{stem}.png", dpi=110)
 
     a = runs[0]["args"]
     lines = [
         "# CIFAR-10 from scratch: vlonghorn_tiny vs deit_tiny (same recipe)", "",
         f"- date: {meta['date']}",
-        f"- device: {meta['device']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"- device: {_devices(meta)}",
+        "- versions: " + ", ".join(f"{k} {meta[k]}" for k in VERSIONS),
         f"- recipe: `configs/cifar10.yaml`, model kwargs {a['model_kwargs']}, img {a['img_size']} px, "
         f"{a['epochs']} epochs, batch {a['batch_size']}, AdamW lr_base {a['lr_base']} @ {a['lr_base_size']}, "
         f"wd {a['weight_decay']}, warmup {a['warmup_epochs']}, drop-path {a['drop_path']}, mixup {a['mixup']}, "
@@ -159,8 +139,11 @@ def report(run_dirs: list[Path], out_dir: Path, throughput_files: list[Path]) ->
                   "whole-run wall clock includes start-up, evaluation, checkpointing and plotting. "
                   "Synthetic img/s: forward + backward + AdamW in bf16 on random 32 px batches of 256, "
                   "no data loading.", ""]
-    (out_dir / "cifar10_gpu.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    md = "\n".join(lines)
+    summary = {"runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs],
+               "failed_runs": [str(d) for d in failed], "synthetic_throughput": probes}
+    write_result("cifar10", meta, summary, md, tag, out_dir, gpus)
+    print(md + f"\nwritten: {stem}.{{json,md,csv,png}}")
 
 
 def main():
@@ -173,17 +156,18 @@ def main():
     t.add_argument("--steps", type=int, default=50)
     t.add_argument("--warmup", type=int, default=10)
     t.add_argument("--out", type=Path, required=True)
-    r = sub.add_parser("report", help="write cifar10_gpu.{md,csv,json,png} from run folders")
+    r = sub.add_parser("report", help="write cifar10_<device>_<date>.{md,csv,json,png} from run folders")
     r.add_argument("run_dirs", nargs="+", type=Path)
     r.add_argument("--throughput", nargs="*", type=Path, default=[])
     r.add_argument("--out-dir", type=Path, required=True)
+    r.add_argument("--tag", default="", help="suffix for the result files")
     args = parser.parse_args()
     if args.cmd == "throughput":
         result = throughput(args.model, json.loads(args.model_kwargs), args.batch_size, args.steps, args.warmup)
         args.out.write_text(json.dumps(result, indent=2))
         print(json.dumps(result))
     else:
-        report(args.run_dirs, args.out_dir, args.throughput)
+        report(args.run_dirs, args.out_dir, args.throughput, args.tag)
 
 
 if __name__ == "__main__":

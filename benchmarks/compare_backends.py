@@ -1,24 +1,22 @@
 """Train the same model twice on the GPU, once on the Triton kernels and once on the PyTorch path, and compare.
 
-    python benchmarks/compare_backends.py --data-dir data/cifar10 [--steps 200] [--out DIR]
+    python benchmarks/compare_backends.py --data-dir data/cifar10 [--steps 200] [--out DIR] [--tag TAG]
 
 Both runs use train.py with the same recipe, seed and data order (configs/cifar10.yaml, vlonghorn_tiny, bf16);
-only VLONGHORN_BACKEND differs. Prints and writes (backends_<date>.{json,md}) the logged training loss of both
-at every --log-every steps and their largest difference. VLONGHORN_KERNEL_CONFIG in the environment applies to
-the Triton run and is recorded with the results (e.g. '{"ck": 16, "fwd_chunk": 16, "bwd_seg": 1}' sends CIFAR's
-65-token sequences through the chunked forward and the segmented backward).
+only VLONGHORN_BACKEND differs. Prints and writes (backends_<device>_<date>[_<tag>].{json,md}) the logged training
+loss of both at every --log-every steps and their largest difference. VLONGHORN_KERNEL_CONFIG in the environment
+applies to the Triton run and is recorded with the results (e.g. '{"checkpoint_every": 16, "chunk_len": 16,
+"segment_windows": 1}' sends CIFAR's 65-token sequences through the chunked forward and the segmented backward).
 """
 import argparse
-import datetime
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import RESULTS, ROOT, environment, md_table, write_result
+
 LINE = re.compile(r"train (\d+) \[(\d+)/(\d+)\] loss ([0-9.]+) .* (\d+) img/s")
 
 
@@ -42,32 +40,29 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--tag", default="", help="suffix for the result files")
     args = parser.parse_args()
-    import torch
-    import triton
     runs = {backend: run(backend, args) for backend in ("triton", "torch")}
     steps = sorted(set(runs["triton"]) & set(runs["torch"]))
     rows = [dict(step=s, loss_triton=runs["triton"][s][0], loss_torch=runs["torch"][s][0]) for s in steps]
     diff = max(abs(r["loss_triton"] - r["loss_torch"]) for r in rows)
-    date = datetime.date.today().isoformat()
-    meta = dict(date=date, device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
-                model="vlonghorn_tiny", recipe="configs/cifar10.yaml", steps=args.steps, max_abs_loss_diff=diff,
-                img_s_triton=runs["triton"][steps[-1]][1], img_s_torch=runs["torch"][steps[-1]][1],
-                kernel_config=os.environ.get("VLONGHORN_KERNEL_CONFIG"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"backends_{date}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
-    lines = [f"# Training loss: Triton kernels vs PyTorch path ({date})", "",
+    meta = environment(model="vlonghorn_tiny", recipe="configs/cifar10.yaml", steps=args.steps,
+                       max_abs_loss_diff=diff, img_s_triton=runs["triton"][steps[-1]][1],
+                       img_s_torch=runs["torch"][steps[-1]][1],
+                       kernel_config_env=os.environ.get("VLONGHORN_KERNEL_CONFIG"))
+    lines = [f"# Training loss: Triton kernels vs PyTorch path ({meta['date'][:10]})", "",
              f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}. vlonghorn_tiny on CIFAR-10 "
              f"(configs/cifar10.yaml, bf16, seed 0, same data order), {args.steps} updates. Largest difference of "
              f"the logged loss: {diff:.4f}. Training img/s (cumulative): Triton {meta['img_s_triton']:.0f}, "
              f"PyTorch {meta['img_s_torch']:.0f}." + (f" Kernel launch overrides (VLONGHORN_KERNEL_CONFIG): "
-                                                      f"{meta['kernel_config']}." if meta["kernel_config"] else ""),
-             "", "| step | loss (Triton) | loss (PyTorch) |", "|---|---|---|"]
-    lines += [f"| {r['step']} | {r['loss_triton']:.4f} | {r['loss_torch']:.4f} |" for r in rows]
-    (out / f"backends_{date}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                                                      f"{meta['kernel_config_env']}." if meta["kernel_config_env"]
+                                                      else ""), ""]
+    lines += md_table(["step", "loss (Triton)", "loss (PyTorch)"],
+                      [[r["step"], f"{r['loss_triton']:.4f}", f"{r['loss_torch']:.4f}"] for r in rows])
+    md = "\n".join(lines) + "\n"
+    stem = write_result("backends", meta, {"rows": rows}, md, args.tag, args.out)
+    print(md + f"\nwritten: {stem}.{{json,md}}")
 
 
 if __name__ == "__main__":

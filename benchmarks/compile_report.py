@@ -1,8 +1,8 @@
 """Compile the Triton kernels for an H100 (sm_90) without a GPU and report registers, spills and the SASS
 instruction mix of each kernel: what a change does to register pressure and instruction counts, for free.
 
-    python benchmarks/compile_report.py [--config '{"bwd_tt": 2}'] [--only scan_bwd] [--loops] [--bwd-maxnreg 168]
-                                         [--sass DIR]
+    python benchmarks/compile_report.py [--config '{"backward_tile": 2}'] [--only scan_backward] [--loops]
+                                         [--backward-maxnreg 168] [--sass DIR]
 
 ptxas -v gives registers and spills, cuobjdump (shipped with the triton wheel) the SASS; --loops prints the
 instruction count and mix of every loop body (a backward branch), i.e. per step or per tile. Layout
@@ -15,18 +15,18 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels import interface  # noqa: E402
-from kernels.conv import _conv_bwd_kernel, _conv_fwd_kernel  # noqa: E402
-from kernels.scan import (PAD, REC, _adjoint_chunk_kernel, _scan_bwd_kernel, _scan_chunk_kernel,  # noqa: E402
-                          _scan_fwd_kernel)
+from vlonghorn.kernels import CONFIG
+from vlonghorn.kernels.conv import _conv_backward_kernel, _conv_forward_kernel
+from vlonghorn.kernels.scan_backward import _scan_backward_kernel
+from vlonghorn.kernels.scan_chunk import _adjoint_chunk_kernel, _scan_chunk_kernel, _scan_combine_kernel
+from vlonghorn.kernels.scan_common import PAD, REC
+from vlonghorn.kernels.scan_forward import _scan_forward_kernel
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -47,7 +47,7 @@ def compile_one(fn, constexprs, dtypes, num_warps, maxnreg=None):
     # what the JIT specialises on at run time: 16-byte aligned pointers, strides and E divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if name not in constexprs
-             and (name.endswith("_ptr") or name == "E" or re.fullmatch(r"s[a-z]+_[bt]", name))}
+             and (name.endswith("_ptr") or name == "E" or re.fullmatch(r"s[a-z]+(_fwd|_rev)?_[bt]", name))}
     src = ASTSource(fn, _signature(fn, dtypes, constexprs), constexprs, attrs)
     options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
@@ -92,84 +92,66 @@ def loop_bodies(sass):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="{}", help="JSON overrides of kernels.interface.CONFIG")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="{}", help="JSON overrides of vlonghorn.kernels.CONFIG")
     ap.add_argument("--sass", default=None, help="write each kernel's SASS into this folder")
     ap.add_argument("--only", default=None, help="compile only kernels whose name contains this")
     ap.add_argument("--loops", action="store_true", help="instruction counts of every loop body")
-    ap.add_argument("--bwd-maxnreg", type=int, default=None,
+    ap.add_argument("--backward-maxnreg", "--bwd-maxnreg", type=int, default=None,
                     help="register cap for the backward kernels (ptxas spills past it); without it the "
-                         "reconstructing backward gets its launch cap (CONFIG bwd_recon_maxnreg)")
+                         "reconstructing backward gets its launch cap (CONFIG recon_maxnreg)")
     args = ap.parse_args()
-    cfg = dict(interface.CONFIG)
-    cfg.update(json.loads(args.config))
+    CONFIG.update(json.loads(args.config))
+    cfg = CONFIG
     f32 = {n: "*fp32" for n in ("rec_ptr", "ck_ptr", "h0_ptr", "sum_ptr", "csum_ptr", "scr_ptr", "dkq_ptr", "dpar_ptr",
-                                "bias_a_ptr", "bias_b_ptr", "Da_ptr", "Db_ptr", "dw_ptr")}
-    f32.update(flag_ptr="*i32", TOL="fp32")
+                                "st_ptr", "bias_fwd_ptr", "bias_rev_ptr", "D_fwd_ptr", "D_rev_ptr", "w_fwd_ptr",
+                                "w_rev_ptr", "dw_ptr")}
+    f32.update(flag_ptr="*i32", TOL="fp32", THR="fp32")
     common = dict(N=16, REC_W=REC, PADT=PAD, HAS_D=True, HAS_Z=True, FAST=True, WIN=False, SEG=False, RECON=False,
                   FALLBACK=False)
-    rf = cfg["fwd_bd"] // (32 * cfg["fwd_warps"])
+    fwd_r = cfg.forward_bd // (32 * cfg.forward_warps)
+    forward = dict(common, BD=cfg.forward_bd, R=fwd_r, W=cfg.forward_warps, CK=cfg.checkpoint_every, BIDIR=True,
+                   REVERSE=False, PREFETCH=cfg.forward_prefetch, EVEN=True)
+    backward = dict(common, BD=cfg.backward_bd, W=cfg.backward_warps, CK=cfg.checkpoint_every, TT=cfg.backward_tile,
+                    BDF=cfg.forward_bd, RF=fwd_r, WF=cfg.forward_warps, BIDIR=True, REVERSE=False, SCATTER=True)
+    chunk = dict(common, BD=cfg.chunk_bd, R=cfg.chunk_bd // (32 * cfg.chunk_warps), W=cfg.chunk_warps, BIDIR=True,
+                 REVERSE=False, PREFETCH=cfg.forward_prefetch, EVEN=True)
+    conv = dict(BD=cfg.conv_bd, HAS_BIAS_FWD=True, HAS_BIAS_REV=True, FAST=True)
     jobs = [
-        ("scan_fwd_infer", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"], CK=cfg["ck"],
-                                                   BIDIR=True, REVERSE=False, SAVE=False,
-                                                   PREFETCH=cfg["fwd_prefetch"], EVEN=True, CHUNKED=False),
-         cfg["fwd_warps"]),
-        ("scan_fwd_chunked", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"],
-                                                     CK=cfg["ck"], BIDIR=True, REVERSE=False, SAVE=False,
-                                                     PREFETCH=cfg["fwd_prefetch"], EVEN=True, CHUNKED=True),
-         cfg["fwd_warps"]),
-        ("scan_chunk", _scan_chunk_kernel, dict(common, BD=cfg["chunk_bd"],
-                                                R=cfg["chunk_bd"] // (32 * cfg["chunk_warps"]), W=cfg["chunk_warps"],
-                                                BIDIR=True, REVERSE=False, PREFETCH=cfg["fwd_prefetch"], EVEN=True),
-         cfg["chunk_warps"]),
-        ("scan_fwd_train_chunked", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"],
-                                                           CK=cfg["ck"], BIDIR=True, REVERSE=False, SAVE=True,
-                                                           PREFETCH=cfg["fwd_prefetch"], EVEN=True, CHUNKED=True,
-                                                           WIN=True),
-         cfg["fwd_warps"]),
-        ("scan_fwd_train", _scan_fwd_kernel, dict(common, BD=cfg["fwd_bd"], R=rf, W=cfg["fwd_warps"], CK=cfg["ck"],
-                                                   BIDIR=True, REVERSE=False, SAVE=True,
-                                                   PREFETCH=cfg["fwd_prefetch"], EVEN=True, CHUNKED=False),
-         cfg["fwd_warps"]),
-        ("scan_bwd", _scan_bwd_kernel, dict(common, BD=cfg["bwd_bd"], W=cfg["bwd_warps"], CK=cfg["ck"],
-                                            TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
-                                            BIDIR=True, REVERSE=False, SCATTER=True),
-         cfg["bwd_warps"]),
-        ("scan_bwd_recon", _scan_bwd_kernel, dict(common, BD=cfg["bwd_bd"], W=cfg["bwd_warps"], CK=cfg["ck"],
-                                                  TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
-                                                  BIDIR=True, REVERSE=False, SCATTER=True, RECON=True),
-         cfg["bwd_warps"]),
-        ("scan_bwd_seg", _scan_bwd_kernel, dict(common, BD=cfg["bwd_bd"], W=cfg["bwd_warps"], CK=cfg["ck"],
-                                                TT=cfg["bwd_tt"], BDF=cfg["fwd_bd"], RF=rf, WF=cfg["fwd_warps"],
-                                                BIDIR=True, REVERSE=False, SCATTER=True, SEG=True),
-         cfg["bwd_warps"]),
-        ("scan_adjoint_chunk", _adjoint_chunk_kernel, dict(common, BD=cfg["chunk_bd"],
-                                                           R=cfg["chunk_bd"] // (32 * cfg["chunk_warps"]),
-                                                           W=cfg["chunk_warps"], BIDIR=True, REVERSE=False,
-                                                           EVEN=True),
-         cfg["chunk_warps"]),
-        ("conv_fwd", _conv_fwd_kernel, dict(BD=cfg["conv_bd"], HAS_BF=True, HAS_BB=True, FAST=True),
-         cfg["conv_warps"]),
-        ("conv_bwd", _conv_bwd_kernel, dict(BD=cfg["conv_bd"], HAS_BF=True, HAS_BB=True, FAST=True),
-         cfg["conv_warps"]),
+        ("scan_forward_inference", _scan_forward_kernel, dict(forward, SAVE=False, CHUNKED=False),
+         cfg.forward_warps),
+        ("scan_forward_chunked", _scan_forward_kernel, dict(forward, SAVE=False, CHUNKED=True), cfg.forward_warps),
+        ("scan_chunk", _scan_chunk_kernel, chunk, cfg.chunk_warps),
+        ("scan_combine", _scan_combine_kernel, dict(N=16, BLK=128, U=8, BACK0=False, BACK1=True, CKOUT=False,
+                                                    BDF=cfg.forward_bd, RF=fwd_r, WF=cfg.forward_warps), 1),
+        ("scan_forward_training_chunked", _scan_forward_kernel, dict(forward, SAVE=True, CHUNKED=True, WIN=True),
+         cfg.forward_warps),
+        ("scan_forward_training", _scan_forward_kernel, dict(forward, SAVE=True, CHUNKED=False), cfg.forward_warps),
+        ("scan_backward", _scan_backward_kernel, backward, cfg.backward_warps),
+        ("scan_backward_recon", _scan_backward_kernel, dict(backward, RECON=True), cfg.backward_warps),
+        ("scan_backward_segmented", _scan_backward_kernel, dict(backward, SEG=True), cfg.backward_warps),
+        ("scan_adjoint_chunk", _adjoint_chunk_kernel, chunk, cfg.chunk_warps),
+        ("conv_forward", _conv_forward_kernel, conv, cfg.conv_warps),
+        ("conv_backward", _conv_backward_kernel, conv, cfg.conv_warps),
     ]
     for name, fn, cx, warps in jobs:
         if args.only and args.only not in name:
             continue
         cx = {k: v for k, v in cx.items() if k in fn.arg_names}
-        cap = args.bwd_maxnreg if name.startswith("scan_bwd") else None
-        if name == "scan_bwd_recon" and not cap:
-            cap = cfg["bwd_recon_maxnreg"] or None        # the launch's own cap
+        cap = args.backward_maxnreg if name.startswith("scan_backward") else None
+        if name == "scan_backward_recon" and not cap:
+            cap = cfg.recon_maxnreg or None        # the launch's own cap
         regs, sst, sld, ops, sass = compile_one(fn, cx, f32, warps, cap)
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(14))
-        print(f"{name:15s} regs {regs:3d} spill st/ld {sst}/{sld} B  SASS {sum(ops.values())} instr: {top}")
+        print(f"{name:29s} regs {regs:3d} spill st/ld {sst}/{sld} B  SASS {sum(ops.values())} instr: {top}")
         if args.loops:
             for start, end, count, ops in loop_bodies(sass):
                 mix = ", ".join(f"{k} {v}" for k, v in ops.most_common(10))
                 print(f"    loop {start:#x}-{end:#x}: {count} instr: {mix}")
         if args.sass:
             os.makedirs(args.sass, exist_ok=True)
-            open(os.path.join(args.sass, name + ".sass"), "w").write(sass)
+            with open(os.path.join(args.sass, name + ".sass"), "w") as fh:
+                fh.write(sass)
 
 
 if __name__ == "__main__":

@@ -3,42 +3,35 @@ tables of the CUDA kernels and the host-side ops, at the benchmark shape (B=128,
 
     python benchmarks/profile_autograd.py
 
-Used to tell kernel time from host overhead: e.g. bench_kernels.py's "conv fwd+bwd" (about 0.97 ms per call)
-is host-bound at this size; its kernels take 0.21 ms of GPU time.
+Used to tell kernel time from host overhead: e.g. bench_kernels.py's "conv forward+backward" (about 0.97 ms per
+call) is host-bound at this size; its kernels take 0.21 ms of GPU time.
 """
-import os
-import sys
+import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_kernels as bk  # noqa: E402
-from vlonghorn import ops  # noqa: E402
+from harness import E_SMALL as E, conv_inputs, scan_inputs
+from vlonghorn import ops
+
+B, L = 128, 197
 
 
 def main():
-    B, L, E = bk.B, 197, bk.E
-    x = torch.randn(B, L, 2 * E, device="cuda", dtype=torch.bfloat16)[..., :E]
-    w = [torch.randn(E, 4, device="cuda") * 0.3, torch.randn(E, device="cuda"),
-         torch.randn(E, 4, device="cuda") * 0.3, torch.randn(E, device="cuda")]
-    xg = x.detach().clone().requires_grad_()
-    wg = [p.clone().requires_grad_() for p in w]
+    conv_in = conv_inputs(B, L, E, requires_grad=True)
     gy = torch.randn(B, L, E, device="cuda", dtype=torch.bfloat16)
 
     def conv():
         with torch.autocast("cuda", torch.bfloat16):
-            yf, yb = ops.bidirectional_conv1d_silu(xg, *wg, backend="triton")
-        return torch.autograd.grad((yf, yb), [xg] + wg, (gy, gy))
+            y_fwd, y_rev = ops.bidirectional_conv1d_silu(*conv_in, backend="triton")
+        return torch.autograd.grad((y_fwd, y_rev), conv_in, (gy, gy))
 
-    args, z = bk.scan_inputs(L)
-    ga, gz, leaves = bk.with_grad(args, z)
-    ag = bk.bidir_args(ga, gz)
+    scan_in = scan_inputs(B, L, E, requires_grad=True)
     g = torch.randn(B, L, E, device="cuda", dtype=torch.bfloat16)
 
     def scan():
-        y = ops.bidirectional_longhorn_scan(*ag, backend="triton")
-        return torch.autograd.grad(y, leaves, g)
+        y = ops.bidirectional_longhorn_scan(*scan_in.op_args(), backend="triton")
+        return torch.autograd.grad(y, scan_in.leaves, g)
 
     for fn in (conv, scan):
         for _ in range(3):
@@ -53,4 +46,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -1,38 +1,37 @@
 """One launch of each kernel at the benchmark shape, for Nsight Compute (GPU only):
 
-    ncu --clock-control none -k regex:'_scan|_conv' --launch-skip 5 --launch-count 5 \
-        --section WarpStateStats --section SchedulerStats ... python benchmarks/profile_kernels.py
+    ncu --clock-control none -k regex:'_scan|_conv' --launch-skip 6 --launch-count 6 \
+        --section WarpStateStats --section SchedulerStats ... python benchmarks/profile_kernels.py [L]
 
-Runs everything once untimed (compilation, warm-up), then once more: the second round is what to profile
-(5 launches: conv fwd, scan prep, scan fwd (saving), scan bwd, conv bwd).
+Runs everything once untimed (compilation, warm-up), then once more: the second round is what to profile. Through
+`vlonghorn.kernels.launch`, a round is 6 launches that the regex matches: conv forward, scan forward (saving), scan
+backward (the reconstructing launch, then its exact fallback), conv backward and its weight-gradient sum (the
+record packing, the reconstruction's bookkeeping and the gradient sums are other launches). B=128, E=768, N=16,
+bf16; L defaults to 197.
 """
-import os
-import sys
+import argparse
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_kernels import E, N, scan_inputs  # noqa: E402
-from vlonghorn.kernels.interface import conv_bwd, conv_fwd, scan_bwd, scan_fwd  # noqa: E402
+from harness import conv_inputs, scan_inputs
+from vlonghorn.kernels import launch
+
+B = 128
 
 
 def once(L):
-    args, z = scan_inputs(L)
-    f, b = args["fwd"], args["bwd"]
-    x = torch.randn(f["x"].shape[0], L, E, device="cuda", dtype=torch.bfloat16)
-    w = [torch.randn(E, 4, device="cuda") * 0.3, torch.randn(E, device="cuda"),
-         torch.randn(E, 4, device="cuda") * 0.3, torch.randn(E, device="cuda")]
-    yf, yb = conv_fwd(x, *w)
-    y, ypre, ck, rec = scan_fwd(f["x"], f["dt"], f["k"], f["q"], f["dt_bias"], f["D"], b["x"], b["dt"], b["k"],
-                                b["q"], b["dt_bias"], b["D"], z, False, True)
-    g = torch.randn_like(y)
-    scan_bwd(g, f["x"], f["dt"], f["dt_bias"], f["D"], b["x"], b["dt"], b["dt_bias"], b["D"], z, ypre, ck, rec,
-             False, f["k"].dtype, f["q"].dtype, N)
-    conv_bwd(yf, yb, x, *w)
+    inp = scan_inputs(B, L)
+    conv = conv_inputs(B, L)
+    y_fwd, y_rev = launch.conv_forward(*conv)
+    y, *saved = launch.scan_forward(*inp.forward_args(save=True))
+    launch.scan_backward(*inp.backward_args(torch.randn_like(y), saved))
+    launch.conv_backward(y_fwd, y_rev, *conv)
     torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
-    L = int(sys.argv[1]) if len(sys.argv) > 1 else 197
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("L", nargs="?", type=int, default=197, help="sequence length")
+    L = ap.parse_args().L
     once(L)
     once(L)

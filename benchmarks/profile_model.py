@@ -12,6 +12,7 @@ functions with the most own time and the most cumulative time: where the host ti
 """
 import argparse
 import cProfile
+import functools
 import json
 import pstats
 import time
@@ -21,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import vlonghorn  # noqa: F401  (registers the models with timm)
+from harness import env_line, environment, wall_time
 
 
 def _train_step(model, x):
@@ -31,7 +33,7 @@ def _train_step(model, x):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vlonghorn_small")
     ap.add_argument("--res", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--batch", type=int, nargs="+", default=[16, 2])
@@ -41,20 +43,15 @@ def main():
     ap.add_argument("--cprofile", action="store_true", help="with --train: cProfile three training steps")
     opt = ap.parse_args()
     kwargs = json.loads(opt.kwargs)
+    print(env_line(environment()))
     for res, batch in zip(opt.res, opt.batch):
         model = timm.create_model(opt.model, img_size=res, **kwargs).cuda()
         x = torch.randn(batch, 3, res, res, device="cuda")
-        print(f"{opt.model} {kwargs}, {res} px, batch {batch}, {torch.cuda.get_device_name()}")
+        print(f"{opt.model} {kwargs}, {res} px, batch {batch}")
         if opt.train:
             model.train()
-            for _ in range(3):   # compile and warm up
-                _train_step(model, x)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(5):
-                _train_step(model, x)
-            torch.cuda.synchronize()
-            print(f"step wall {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms (5 steps, no profiler)")
+            wall = wall_time(functools.partial(_train_step, model, x), n=5, warmup=3)   # the warm-up compiles
+            print(f"step wall {wall * 1e3:.1f} ms (5 steps, no profiler)")
             if opt.cprofile:
                 prof = cProfile.Profile()
                 prof.enable()

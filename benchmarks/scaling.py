@@ -1,15 +1,15 @@
 """Data-parallel scaling of train.py: images/s on 1..N GPUs of one host through `accelerate launch`.
 
-    python benchmarks/scaling.py --data-dir data/cifar10 --gpus 1 2 [--model vlonghorn_small] [--out DIR]
+    python benchmarks/scaling.py --data-dir data/cifar10 --gpus 1 2 [--model vlonghorn_small] [--kind KIND]
+                                 [--out DIR] [--tag TAG]
 
 Real input: CIFAR-10 JPEGs decoded and upscaled by the training transforms to --img-size (224), bf16, the same
 per-GPU batch at every GPU count. Throughput is taken between two logged steps (after --warmup-steps), so
 start-up and kernel compilation stay out of it. Also measures the data pipeline alone (the model removed), to
-show it is not the bottleneck. Writes scaling_<kind>.{json,md} to --out.
+show it is not the bottleneck. Writes scaling_<device>_<date>[_<tag>].{json,md} (device with the host's GPU count,
+e.g. h200-x4) and a log of each run next to them into --out (default benchmarks/results).
 """
 import argparse
-import datetime
-import json
 import os
 import re
 import subprocess
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import RESULTS, ROOT, environment, md_table, result_stem, write_result
+
 LINE = re.compile(r"train \d+ \[(\d+)/\d+\] .* (\d+) img/s")
 
 
 def data_pipeline_rate(args) -> float:
     """Images/s of the training loader alone (decode, augment, collate) with the workers one process gets."""
-    sys.path.insert(0, str(ROOT))
     from vlonghorn.data import ImageFolderDataset, build_train_transform, worker_init
     dataset = ImageFolderDataset(args.data_dir, "train")
     dataset.transform = build_train_transform(args.img_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
@@ -81,40 +81,39 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=15)
     parser.add_argument("--data-batches", type=int, default=60)
-    parser.add_argument("--kind", default="unknown", help="machine kind, for the file name")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    parser.add_argument("--kind", default=None, help="machine kind (e.g. nvidia-h200-x4), recorded with the results")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--tag", default="", help="suffix for the result files")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    host_gpus = torch.cuda.device_count()
+    meta = environment(kind=args.kind, model=args.model, img_size=args.img_size, per_gpu_batch=args.batch_size,
+                       workers_per_process=args.workers, precision="bf16")
+    stem = result_stem("scaling", meta, args.tag, args.out, host_gpus)
+    stem.parent.mkdir(parents=True, exist_ok=True)
 
     rows = []
     data_rate = data_pipeline_rate(args)
     print(f"data pipeline alone: {data_rate:.0f} img/s with {args.workers} workers", flush=True)
     for gpus in args.gpus:
-        if gpus > torch.cuda.device_count():
-            print(f"{gpus} GPUs: not on this machine ({torch.cuda.device_count()})")
+        if gpus > host_gpus:
+            print(f"{gpus} GPUs: not on this machine ({host_gpus})")
             continue
-        rows.append(train_rate(args, gpus, out / f"scaling_{args.kind}_{gpus}gpu.log"))
+        rows.append(train_rate(args, gpus, Path(f"{stem}_{gpus}gpu.log")))
         print(rows[-1], flush=True)
     for row in rows:
         row["efficiency"] = round(row["total_img_s"] / (row["gpus"] * rows[0]["per_gpu_img_s"]), 3)
 
-    import timm
-    import triton
-    meta = dict(date=datetime.date.today().isoformat(), kind=args.kind, device=torch.cuda.get_device_name(0),
-                torch=torch.__version__, triton=triton.__version__, timm=timm.__version__, model=args.model,
-                img_size=args.img_size, per_gpu_batch=args.batch_size, workers_per_process=args.workers,
-                data_pipeline_img_s_per_process=round(data_rate, 1), precision="bf16")
-    (out / f"scaling_{args.kind}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
-    lines = [f"# Data-parallel scaling of train.py, {args.model} at {args.img_size} px ({meta['date']})", "",
-             f"{args.kind}: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, timm {meta['timm']}. "
+    meta["data_pipeline_img_s_per_process"] = round(data_rate, 1)
+    lines = [f"# Data-parallel scaling of train.py, {args.model} at {args.img_size} px ({meta['date'][:10]})", "",
+             f"{host_gpus} x {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, timm {meta['timm']}. "
              f"bf16, per-GPU batch {args.batch_size}, CIFAR-10 JPEGs upscaled by the training transforms, "
              f"{args.workers} loader workers per process; timed between logged steps {args.warmup_steps} and "
-             f"{args.steps}. The data pipeline alone gives {data_rate:.0f} img/s per process.", "",
-             "| GPUs | img/s per GPU | img/s total | efficiency |", "|---|---|---|---|"]
-    lines += [f"| {r['gpus']} | {r['per_gpu_img_s']} | {r['total_img_s']} | {r['efficiency']} |" for r in rows]
-    (out / f"scaling_{args.kind}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             f"{args.steps}. The data pipeline alone gives {data_rate:.0f} img/s per process.", ""]
+    lines += md_table(["GPUs", "img/s per GPU", "img/s total", "efficiency"],
+                      [[r["gpus"], r["per_gpu_img_s"], r["total_img_s"], r["efficiency"]] for r in rows])
+    md = "\n".join(lines) + "\n"
+    write_result("scaling", meta, {"rows": rows}, md, args.tag, args.out, host_gpus)
+    print(md + f"\nwritten: {stem}.{{json,md}}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CIFAR-10 on GPU: vlonghorn_tiny and deit_tiny_patch16_224 trained with the same recipe (configs/cifar10.yaml:
 # 32 px, patch 4, same epochs), a synthetic throughput probe of each, a 2-process `accelerate launch` run when two
-# GPUs are present, and the report (cifar10_gpu.{md,csv,json,png}) in $RESULTS.
+# GPUs are present, and the report (cifar10_<device>_<date>.{md,csv,json,png}, the runs' logs and env.txt next to
+# it) in $RESULTS.
 #
 #   EPOCHS=30 RESULTS=benchmarks/results bash benchmarks/train_cifar_gpu.sh
 #
@@ -34,11 +35,12 @@ fi
 
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 NCPU=$(python3 -c "import os; print(len(os.sched_getaffinity(0)))")
+STEM=$(python3 benchmarks/harness.py cifar10 --out "$RESULTS" --gpus "$NGPU") || exit 1
 { nvidia-smi -L; echo "cpus $NCPU"; python3 -c "
 import torch, timm, accelerate, albumentations
 print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__,
       'albumentations', albumentations.__version__)
-import vlonghorn.kernels; print('vlonghorn Triton kernels import')"; } 2>&1 | tee "$RESULTS/env.txt"
+import vlonghorn.kernels; print('vlonghorn Triton kernels import')"; } 2>&1 | tee "${STEM}_env.txt"
 
 run() {  # run NAME GPU_LIST NPROC -- train.py args...
   local name=$1 gpus=$2 nproc=$3; shift 3
@@ -47,7 +49,7 @@ run() {  # run NAME GPU_LIST NPROC -- train.py args...
                                   --mixed_precision bf16 --dynamo_backend no)
   start=$(date +%s.%N)
   CUDA_VISIBLE_DEVICES=$gpus "${launcher[@]}" train.py --config configs/cifar10.yaml --data-dir "$DATA" \
-    --output "$RUNS" --experiment "$name" --no-progress "$@" $EXTRA > "$RESULTS/$name.log" 2>&1
+    --output "$RUNS" --experiment "$name" --no-progress "$@" $EXTRA > "${STEM}_$name.log" 2>&1
   local rc=$?
   end=$(date +%s.%N)
   python3 -c "import json,sys; json.dump({'wall_clock_s': $end - $start, 'processes': $nproc, 'rc': $rc,
@@ -74,7 +76,7 @@ done
 RUN_DIRS=("$RUNS/cifar10-vlonghorn_tiny" "$RUNS/cifar10-deit_tiny")
 if [ "$NGPU" -ge 2 ]; then
   run cifar10-ddp2-vlonghorn_tiny 0,1 2 --model vlonghorn_tiny --epochs "$DDP_EPOCHS" --workers $(( NCPU / 2 - 2 ))
-  grep -E "processes|epoch [0-9]+:" "$RESULTS/cifar10-ddp2-vlonghorn_tiny.log" | cut -c 25-
+  grep -E "processes|epoch [0-9]+:" "${STEM}_cifar10-ddp2-vlonghorn_tiny.log" | cut -c 25-
   RUN_DIRS+=("$RUNS/cifar10-ddp2-vlonghorn_tiny")
 else
   echo "one GPU only: the 2-process accelerate launch run needs nvidia-h200-x2 (skipped)"

@@ -64,14 +64,16 @@ _RESIDENT = {}
 _LAST_RESIDENT = {}     # (kernel name, device) -> the residency of its last launch configuration
 
 
-def _resident(kernel, device, grid, args, num_warps, extra=None):
-    """Programs of `kernel` (compiled for `args`) resident per SM, from its register and shared-memory use."""
-    key = (kernel.fn.__name__, device, num_warps, str(extra),
-           tuple(sorted((k, str(v.dtype) if isinstance(v, torch.Tensor) else v) for k, v in args.items()
-                        if k.isupper() or isinstance(v, torch.Tensor))))
+_MOST_RESIDENT = 32     # programs per SM on any GPU these kernels run on
+
+
+def _resident(kernel, device, key, grid, make_args, num_warps):
+    """Programs of `kernel` resident per SM, from the register and shared-memory use of its compiled form for
+    `make_args()` (compiled once per `key`: what decides the compilation, cheap to build per call)."""
+    key = (kernel.fn.__name__, device, num_warps, key)
     hit = _RESIDENT.get(key)
     if hit is None:
-        compiled = kernel.warmup(grid=grid, num_warps=num_warps, **(extra or {}), **args)
+        compiled = kernel.warmup(grid=grid, num_warps=num_warps, **make_args())
         compiled._init_handles()
         props = torch.cuda.get_device_properties(device)
         regs_per_warp = -(-compiled.n_regs * 32 // 256) * 256        # allocated per warp in units of 256
@@ -79,9 +81,15 @@ def _resident(kernel, device, grid, args, num_warps, extra=None):
         by_threads = props.max_threads_per_multi_processor // (32 * num_warps)
         shared = compiled.metadata.shared
         by_shared = (props.shared_memory_per_multiprocessor // shared) if shared else 32
-        hit = _RESIDENT[key] = max(1, min(by_regs, by_threads, by_shared, 32))
+        hit = _RESIDENT[key] = max(1, min(by_regs, by_threads, by_shared, _MOST_RESIDENT))
     _LAST_RESIDENT[(kernel.fn.__name__, device)] = hit
     return hit
+
+
+def _may_split(device, progs, limit):
+    """Whether `progs` programs could be few enough to split at any residency (else no compile is needed to
+    know that they are not)."""
+    return progs <= limit * torch.cuda.get_device_properties(device).multi_processor_count * _MOST_RESIDENT
 
 
 def _auto_parts(x, progs, resident, limit, waves, most):
@@ -190,12 +198,17 @@ def scan_forward(x_fwd, dt_fwd, k_fwd, q_fwd, dt_bias_fwd, D_fwd, x_rev, dt_rev,
                 SAVE=bool(save))
     # (training chunks two directions only: its window entry for a single reversed direction is not written; a
     # single direction with grad runs sequentially, its backward is still segmented)
-    if (bidir or not save) and dev.type == "cuda" and not CONFIG.chunk_len:
-        resident = _resident(_scan_forward_kernel, dev, (nblk, B, 1), dict(args, h0_ptr=rec, TC=L, NCH=1,
-                                                                           CHUNKED=False, WIN=False), warps)
+    if (bidir or not save) and dev.type == "cuda" and not CONFIG.chunk_len and _may_split(dev, B * nblk,
+                                                                                          1 / CONFIG.chunk_split):
+        key = (x_fwd.dtype, z is not None, D_fwd is not None, bool(save), bidir, bool(reverse), N, bd, E % bd == 0,
+               ck_every, CONFIG.forward_prefetch)
+        resident = _resident(_scan_forward_kernel, dev, key, (nblk, B, 1),
+                             lambda: dict(args, h0_ptr=rec, TC=L, NCH=1, CHUNKED=False, WIN=False), warps)
         tc = chunk_len(x_fwd, B, L, nblk, resident)
+    elif bidir or not save:
+        tc = chunk_len(x_fwd, B, L, nblk, _MOST_RESIDENT if dev.type == "cuda" else None)
     else:
-        tc = chunk_len(x_fwd, B, L, nblk) if (bidir or not save) else L
+        tc = L
     if save and tc < L:
         tc = triton.cdiv(tc, ck_every) * ck_every     # training: chunks of whole checkpoint windows
     nch = triton.cdiv(L, tc)
@@ -311,15 +324,18 @@ def scan_backward(grad, x_fwd, dt_fwd, dt_bias_fwd, D_fwd, x_rev, dt_rev, dt_bia
                    sg_b=grad.stride(0), sg_t=grad.stride(1), sz_b=zz.stride(0), sz_t=zz.stride(1),
                    **_bt_strides("x_fwd", x_fwd), **_bt_strides("dt_fwd", dt_fwd), **_bt_strides("x_rev", x_r),
                    **_bt_strides("dt_rev", dt_r), L=L, E=E, B=B, NCK=nck, NBLKF=triton.cdiv(E, bdf))
-    if dev.type == "cuda" and not CONFIG.segment_windows:
-        f32 = torch.empty(1, device=dev, dtype=torch.float32)
-        probe = dict(tensors, scr_ptr=f32, dkq_ptr=f32, dpar_ptr=f32, csum_ptr=f32, NSEG=1, SW=nw, EP=E,
-                     flag_ptr=torch.empty(1, device=dev, dtype=torch.int32), TOL=1.0, st_ptr=f32, THR=1.0,
-                     PROBE=CONFIG.recon_probe, **consts, SEG=False)
-        sw = segment_windows(x_fwd, B * nblk * ndir, nw, _resident(_scan_backward_kernel, dev, (nblk, B, ndir),
+    if dev.type == "cuda" and not CONFIG.segment_windows and _may_split(dev, B * nblk * ndir, CONFIG.segment_cap):
+        def probe():
+            f32 = torch.empty(1, device=dev, dtype=torch.float32)
+            return dict(tensors, scr_ptr=f32, dkq_ptr=f32, dpar_ptr=f32, csum_ptr=f32, NSEG=1, SW=nw, EP=E,
+                        flag_ptr=torch.empty(1, device=dev, dtype=torch.int32), TOL=1.0, st_ptr=f32, THR=1.0,
+                        PROBE=CONFIG.recon_probe, **consts, SEG=False)
+
+        key = (x_fwd.dtype, grad.dtype, tuple(sorted(consts.items())))
+        sw = segment_windows(x_fwd, B * nblk * ndir, nw, _resident(_scan_backward_kernel, dev, key, (nblk, B, ndir),
                                                                     probe, warps))
     else:
-        sw = segment_windows(x_fwd, B * nblk * ndir, nw)
+        sw = segment_windows(x_fwd, B * nblk * ndir, nw, _MOST_RESIDENT if dev.type == "cuda" else None)
     nseg = triton.cdiv(nw, sw)
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     # (a CUDA graph keeps the running share that eager calls before it set up; it allocates none of its own)

@@ -18,7 +18,7 @@ backward (a second launch that skips the others).
 import triton
 import triton.language as tl
 
-from .scan_common import (_block, _ck_col, _coefs, _ld, _prefetch, _rcp, _sigmoid, _walk)
+from .scan_common import _coefs, _ld, _prefetch, _rcp, _sigmoid, _walk
 
 
 # ------------------------------------------------------------------------------------------------- backward
@@ -248,8 +248,10 @@ def _window_end_state(w, NW, s0, nst, ck_b, CKS, ck_col, hi4, BDF, rec_b, io, st
                       N: tl.constexpr, REC_W: tl.constexpr, FAST: tl.constexpr):
     """The state leaving checkpoint window w (steps [s0, s0 + nst)): the next window's checkpoint, or, for the
     last window, a sweep from its own checkpoint to its end."""
-    x_b, dt_b, _, _, _, _, _, _ = io
-    sx_t, sdt_t, _, _ = strides
+    x_b = io[0]
+    dt_b = io[1]
+    sx_t = strides[0]
+    sdt_t = strides[1]
     last = w == NW - 1
     cidx = tl.where(last, w - 1, w)
     S = _ck_rows(ck_b, cidx + 1, CKS, ck_col, hi4, BDF, dmask, N)
@@ -312,8 +314,10 @@ def _sweep_window(S, s0, ntile, scr_b, rec_b, lane_rec, io, strides, bias, rev, 
                   N: tl.constexpr, BD: tl.constexpr, TT: tl.constexpr, REC_W: tl.constexpr, FAST: tl.constexpr):
     """Step 1 of a window of the exact backward: run the window forward from its entry state S, storing the state
     at every tile start (every TT steps) to the program's scratch; x and dt are loaded one tile ahead."""
-    x_b, dt_b, _, _, _, _, _, _ = io
-    sx_t, sdt_t, _, _ = strides
+    x_b = io[0]
+    dt_b = io[1]
+    sx_t = strides[0]
+    sdt_t = strides[1]
     nx = ()
     ndt = ()
     for jj in tl.static_range(TT):

@@ -103,8 +103,8 @@ def _scan_combine_kernel(sum_ptr, ck_ptr, NCH, EP, E, N: tl.constexpr, BLK: tl.c
                          BACK_FWD: tl.constexpr, BACK_REV: tl.constexpr, CKOUT: tl.constexpr, BDF: tl.constexpr,
                          RF: tl.constexpr, WF: tl.constexpr):
     """Pass 2 of a chunked scan: the state entering every chunk, sequentially over the chunks in scan order
-    (entering the first: zero; entering the next: A * S_in + Z), written over Z. The fwd / rev direction walks the chunks
-    from the last if BACK_FWD / BACK_REV (inference: the rev direction's chunks are in token order; the adjoint
+    (entering the first: zero; entering the next: A * S_in + Z), written over Z. The fwd / rev direction walks the
+    chunks from the last if BACK_FWD / BACK_REV (inference: the rev direction's chunks are in token order; the adjoint
     carry of the backward runs against the scan). The loads of U chunks are issued together (the walk is
     latency-bound). With CKOUT (checkpoint windows of the training forward), the entry state of chunk c >= 1 is
     also written as checkpoint c - 1 in the forward's private block layout (BDF, RF, WF: its launch).

@@ -125,3 +125,18 @@ def _mixer_inputs(B, L, E, seed):
     conv_params = [p(E, 4), p(E), p(E, 4), p(E)]
     scan_params = [[p(B, L, E), p(B, L, 16), p(B, L, 16), p(E), p(E)] for _ in range(2)]
     return p(B, L, E), p(B, L, E), conv_params, scan_params
+
+
+@pytest.fixture
+def config(request):
+    """Temporarily replace kernel launch parameters: SMALL_CFG on the interpreter, the defaults on CUDA (a fixture:
+    test modules that use it import it from here)."""
+    from vlonghorn.kernels import CONFIG
+    from vlonghorn.kernels.launch import RECON_FLAGS, RECON_STATE
+    saved = CONFIG.as_dict()
+    CONFIG.update(getattr(request, "param", None) or ({} if CUDA else SMALL_CFG))
+    RECON_STATE.clear()     # no running share of redone programs carries over from another test
+    yield CONFIG
+    CONFIG.update(saved)
+    RECON_STATE.clear()
+    RECON_FLAGS.update(record=False, last=None)

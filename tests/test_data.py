@@ -62,6 +62,18 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     assert ds[1][2] == 1
 
 
+def test_skip_counts_mark_exactly_the_unreadable_samples(tmp_path):
+    """Two unreadable files in a row: both samples are marked (their skip counts are 2 and 1), the readable ones
+    are not, so the marked samples count the unreadable files and the unmarked ones are every readable file once."""
+    _write_images(tmp_path / "val" / "a", 5)
+    for name in ("1.png", "2.png"):
+        (tmp_path / "val" / "a" / name).write_bytes(b"junk")
+    ds = ImageFolderDataset(tmp_path, "val", build_eval_transform(8, MEAN, STD, crop_pct=1.0))
+    items = [ds[i] for i in range(len(ds))]
+    assert [skipped for _, _, skipped in items] == [0, 2, 1, 0, 0]
+    assert torch.equal(items[1][0], items[3][0]) and torch.equal(items[2][0], items[3][0])   # stand-ins
+
+
 def test_all_unreadable_raises_instead_of_looping(tmp_path):
     folder = tmp_path / "train" / "a"
     folder.mkdir(parents=True)

@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAINING_STACK = ("accelerate", "albumentations", "tensorboard", "matplotlib")   # (tqdm, pyyaml: timm needs them)
 
@@ -42,6 +44,7 @@ def test_imports_flow_one_way_models_ops_kernels():
     assert not any(n.startswith("vlonghorn.kernels") for n in train), sorted(n for n in train if "kernels" in n)
 
 
+@pytest.mark.slow
 def test_backbone_runs_without_the_training_stack():
     """`pip install vlonghorn` brings models, ops and kernels without accelerate, albumentations, tensorboard,
     or matplotlib: a model builds and runs with all of them made unimportable."""

@@ -90,8 +90,9 @@ class ImageFolderDataset(Dataset):
     """`<root>/<split>/<class>/<image>` as (image tensor, target, skipped) triples.
 
     Unreadable or corrupt images never raise mid-epoch: the next readable image in the split takes the sample's
-    place, and `skipped` (an int per sample, summed per batch by the default collate) counts how many files had to
-    be passed over, so the training loop can report an exact total across workers and processes.
+    place, and `skipped` (an int per sample) counts how many files had to be passed over to fill it. It is nonzero
+    exactly when the sample's own file is unreadable, so counting the nonzero ones counts the unreadable images
+    (across workers and processes), and leaving those samples out sees every readable image once (evaluation).
 
     Args:
         root: dataset root folder.

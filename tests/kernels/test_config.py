@@ -32,6 +32,7 @@ def test_unknown_or_mistyped_keys_are_errors_that_name_them():
 @pytest.mark.parametrize("text,message", [('{"fwd_chunk": 0}', "unknown kernel configuration key 'fwd_chunk'"),
                                           ('{"recon_tol": "big"}', "'recon_tol' must be float"),
                                           ('[1, 2]', "must be a JSON object")])
+@pytest.mark.slow
 def test_environment_configuration_is_checked_at_import(text, message):
     run = subprocess.run([sys.executable, "-c", "import vlonghorn.kernels"], capture_output=True, text=True,
                          env={**__import__("os").environ, "VLONGHORN_KERNEL_CONFIG": text})
@@ -63,6 +64,7 @@ def test_batch_offsets_are_64_bit():
     assert seen >= 8, seen     # forward, backward, chunk, combine, adjoint chunk, conv forward / backward, prep
 
 
+@pytest.mark.slow
 def test_config_change_after_compiling_recompiles(config):
     """Buffer shapes follow the configuration that runs: a function compiled under one forward block size and run
     after the configuration changed is traced again (the layout is read at trace time and guarded), and its

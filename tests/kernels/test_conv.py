@@ -1,14 +1,9 @@
 """The bidirectional conv1d + SiLU kernels against the float64 reference."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from kernel_checks import (CUDA, DEV, GPU_LARGE, SMALL_CFG, _check, _grads, _mixer, _mixer_inputs, _randn, _rel,  # noqa: F401
-                           _scan_inputs, bidirectional_conv1d_silu_triton, bidirectional_longhorn_scan_triton,
-                           needs_cuda)
-from vlonghorn.kernels import longhorn_scan as longhorn_scan_triton  # noqa: F401
-from vlonghorn.kernels.launch import RECON_FLAGS, RECON_STATE, recon_share  # noqa: F401
-from vlonghorn.ops.reference import bidirectional_conv1d_silu_ref, longhorn_scan_ref  # noqa: F401
+from kernel_checks import DEV, GPU_LARGE, _check, _randn, bidirectional_conv1d_silu_triton
+from vlonghorn.ops.reference import bidirectional_conv1d_silu_ref
 
 
 # ----------------------------------------------------------------------------------------------------- conv

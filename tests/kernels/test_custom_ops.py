@@ -6,14 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import (CUDA, DEV, GPU_LARGE, SMALL_CFG, _check, _grads, _mixer, _mixer_inputs, _randn, _rel,  # noqa: F401
-                           _scan_inputs, bidirectional_conv1d_silu_triton, bidirectional_longhorn_scan_triton,
-                           needs_cuda)
-from vlonghorn.kernels import longhorn_scan as longhorn_scan_triton  # noqa: F401
-from vlonghorn.kernels.launch import RECON_FLAGS, RECON_STATE, recon_share  # noqa: F401
-from vlonghorn.ops.reference import bidirectional_conv1d_silu_ref, longhorn_scan_ref  # noqa: F401
+from kernel_checks import CUDA, DEV, _mixer, _mixer_inputs, _rel, _scan_inputs, needs_cuda
+from vlonghorn.kernels.launch import RECON_STATE
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph(config):
     """The custom ops trace into one graph (fullgraph=True fails on any graph break) and match eager."""
     x, z, conv_params, scan_params = _mixer_inputs(*((1, 11, 40) if not CUDA else (2, 197, 256)), seed=6)
@@ -77,6 +74,7 @@ def test_opcheck_registrations(config):
                                      w.detach(), None), test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.slow
 def test_eager_calls_skip_the_custom_ops(config):
     """In eager mode the entry points call the launchers through autograd Functions (no torch.library wrapping);
     under a dispatch mode (as for fake tensors or a FLOP counter) they go through the custom ops, and both ways give

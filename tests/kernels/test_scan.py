@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import (CUDA, DEV, GPU_LARGE, SMALL_CFG, _check, _grads, _mixer, _mixer_inputs, _randn, _rel,  # noqa: F401
-                           _scan_inputs, bidirectional_conv1d_silu_triton, bidirectional_longhorn_scan_triton,
-                           needs_cuda)
-from vlonghorn.kernels import longhorn_scan as longhorn_scan_triton  # noqa: F401
-from vlonghorn.kernels.launch import RECON_FLAGS, RECON_STATE, recon_share  # noqa: F401
-from vlonghorn.ops.reference import bidirectional_conv1d_silu_ref, longhorn_scan_ref  # noqa: F401
+from kernel_checks import (CUDA, DEV, GPU_LARGE, SMALL_CFG, _check, _grads, _randn, _scan_inputs,
+                           bidirectional_longhorn_scan_triton)
+from vlonghorn.kernels import longhorn_scan as longhorn_scan_triton
+from vlonghorn.kernels.launch import RECON_FLAGS, RECON_STATE, recon_share
+from vlonghorn.ops.reference import longhorn_scan_ref
 
 
 def test_bf16_conversions_round_as_torch():
@@ -45,16 +44,20 @@ def test_bf16_conversions_round_as_torch():
 # ------------------------------------------------------------------------------------------- scan, one direction
 SCAN_CASES = [
     # B, L, E, N, dtype, reverse, strided, strong, has_D, has_z
-    pytest.param(2, 37, 40, 16, torch.float32, False, False, False, True, True, id="fp32"),
-    pytest.param(2, 37, 40, 16, torch.float32, True, False, False, True, True, id="fp32-reverse"),
+    pytest.param(2, 37, 40, 16, torch.float32, False, False, False, True, True, id="fp32", marks=pytest.mark.slow),
+    pytest.param(2, 37, 40, 16, torch.float32, True, False, False, True, True, id="fp32-reverse",
+                 marks=pytest.mark.slow),
     pytest.param(1, 1, 40, 16, torch.float32, True, False, False, True, True, id="L1-reverse"),
     pytest.param(1, 21, 33, 16, torch.float32, False, True, False, False, False, id="strided-noD-noz"),
-    pytest.param(2, 26, 40, 16, torch.float32, True, False, True, True, True, id="strong-write"),
+    pytest.param(2, 26, 40, 16, torch.float32, True, False, True, True, True, id="strong-write",
+                 marks=pytest.mark.slow),
     pytest.param(2, 19, 40, 8, torch.float32, False, False, False, True, False, id="N8"),
     pytest.param(2, 19, 40, 2, torch.float32, True, False, False, True, True, id="N2"),
-    pytest.param(2, 37, 40, 16, torch.bfloat16, True, True, False, True, True, id="bf16-strided"),
+    pytest.param(2, 37, 40, 16, torch.bfloat16, True, True, False, True, True, id="bf16-strided",
+                 marks=pytest.mark.slow),
     # E a multiple of the channel block: the forward drops its channel masks (EVEN)
-    pytest.param(2, 23, 64, 16, torch.float32, True, False, False, True, True, id="E-multiple-of-block"),
+    pytest.param(2, 23, 64, 16, torch.float32, True, False, False, True, True, id="E-multiple-of-block",
+                 marks=pytest.mark.slow),
     pytest.param(3, 300, 200, 16, torch.float32, False, True, True, True, True, id="large-fp32",
                  marks=GPU_LARGE),
     pytest.param(3, 300, 200, 16, torch.float32, True, False, False, True, True, id="large-fp32-reverse",
@@ -87,12 +90,12 @@ def _check_single(B, L, E, N, dtype, reverse, strided, strong, has_D, has_z):
 # ------------------------------------------------------------------------------------------ scan, both directions
 BIDIR_CASES = [
     # B, L, E, dtype, strided, strong, has_D, has_z
-    pytest.param(2, 37, 40, torch.float32, False, False, True, True, id="fp32"),
+    pytest.param(2, 37, 40, torch.float32, False, False, True, True, id="fp32", marks=pytest.mark.slow),
     pytest.param(1, 1, 33, torch.float32, False, False, True, True, id="L1"),
     pytest.param(1, 8, 40, torch.float32, True, False, True, True, id="strided-even-L"),
-    pytest.param(2, 23, 40, torch.float32, False, True, False, False, id="strong-noD-noz"),
+    pytest.param(2, 23, 40, torch.float32, False, True, False, False, id="strong-noD-noz", marks=pytest.mark.slow),
     pytest.param(2, 29, 72, torch.bfloat16, True, False, True, True, id="bf16-strided"),
-    pytest.param(2, 25, 64, torch.float32, True, True, True, True, id="E-multiple-of-block"),
+    pytest.param(2, 25, 64, torch.float32, True, True, True, True, id="E-multiple-of-block", marks=pytest.mark.slow),
     pytest.param(3, 300, 200, torch.float32, True, True, True, True, id="large-fp32", marks=GPU_LARGE),
     pytest.param(4, 197, 768, torch.bfloat16, True, False, True, True, id="large-bf16", marks=GPU_LARGE),
 ]
@@ -126,6 +129,7 @@ def _check_bidir(B, L, E, dtype, strided, strong, has_D, has_z):
         _check(f"d{name}", got[name], ref[name], dtype)
 
 
+@pytest.mark.slow
 def test_bidirectional_scan_is_deterministic(config):
     B, L, E = (2, 21, 40) if not CUDA else (8, 197, 768)
     fwd, leaves_f = _scan_inputs(B, L, E, 16, torch.bfloat16, True, False, seed=3)
@@ -204,6 +208,7 @@ TRAIN_CHUNK_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,L,E,bidir,reverse,strided,strong,dtype,tc,sw", TRAIN_CHUNK_CASES)
 def test_chunked_training(config, B, L, E, bidir, reverse, strided, strong, dtype, tc, sw):
     """Few programs with grad: the training forward of both directions runs chunked (checkpoints from a combine
@@ -240,6 +245,7 @@ RECON_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bidir,B,L,E,dtype,reverse,strided,strong,tol,flags", RECON_CASES)
 def test_reconstructing_backward(config, bidir, B, L, E, dtype, reverse, strided, strong, tol, flags):
     """16-bit inputs: the backward reconstructs the states against the scan order, and the programs whose
@@ -269,6 +275,7 @@ def test_reconstructing_backward(config, bidir, B, L, E, dtype, reverse, strided
         assert per_b[1:].sum() == 0, f"redone programs per batch element: {per_b.tolist()}"
 
 
+@pytest.mark.slow
 def test_reconstruction_steps_aside_when_it_keeps_failing(config):
     """The running share of redone programs (per device): at or above recon_share the reconstruction does not
     run (every program goes to the exact backward at once) except on every recon_probe-th call, which measures

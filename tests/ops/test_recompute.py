@@ -1,14 +1,8 @@
 """Recompute around the scan: the kernels' recompute regions and the blocks' recompute_except_scan."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from kernel_checks import (CUDA, DEV, GPU_LARGE, SMALL_CFG, _check, _grads, _mixer, _mixer_inputs, _randn, _rel,  # noqa: F401
-                           _scan_inputs, bidirectional_conv1d_silu_triton, bidirectional_longhorn_scan_triton,
-                           needs_cuda)
-from vlonghorn.kernels import longhorn_scan as longhorn_scan_triton  # noqa: F401
-from vlonghorn.kernels.launch import RECON_FLAGS, RECON_STATE, recon_share  # noqa: F401
-from vlonghorn.ops.reference import bidirectional_conv1d_silu_ref, longhorn_scan_ref  # noqa: F401
+from kernel_checks import CUDA, DEV, _mixer, _mixer_inputs, _rel
 
 
 def test_keep_scan_outputs_region_runs_first_without_grad(config, monkeypatch):
@@ -31,6 +25,7 @@ def test_keep_scan_outputs_region_runs_first_without_grad(config, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- the model's selective recompute
+@pytest.mark.slow
 def test_recompute_mixer_keeps_only_the_scan(config, monkeypatch):
     """In training on the Triton path, each block keeps the scan's outputs and recomputes the rest in the
     backward: the scan's forward runs once per block, the conv's twice; outputs are those of the model that saves

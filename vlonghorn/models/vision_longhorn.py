@@ -8,6 +8,7 @@ with the bidirectional block layout and middle class token of
 
 The mixer calls only `vlonghorn.ops`, which runs Triton kernels on CUDA tensors and PyTorch elsewhere.
 """
+import itertools
 import math
 import pickle
 import traceback
@@ -35,6 +36,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from vlonghorn.ops import bidirectional_conv1d_silu, bidirectional_longhorn_scan, recompute_except_scan
+
+from .feature_pyramid import SimpleFeaturePyramid
 
 __all__ = ['VisionLonghorn']
 
@@ -154,7 +157,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute_mixer and not self.in_checkpoint:
-            params = (*self.norm.parameters(), *self.mixer.parameters())
+            params = itertools.chain(self.norm.parameters(), self.mixer.parameters())   # read only if recomputing
             y = recompute_except_scan(self._branch, x, params, d_state=self.mixer.d_state)
         else:
             y = self._branch(x)
@@ -482,14 +485,20 @@ def _loading_weights(error: BaseException) -> bool:
 
 
 def _create_vision_longhorn(variant: str, pretrained: bool = False, **kwargs) -> VisionLonghorn:
-    out_indices = kwargs.pop('out_indices', 3)
+    out_indices = kwargs.pop('out_indices', None)
+    feature_cfg = dict(out_indices=3 if out_indices is None else out_indices, feature_cls='getter')
+    if kwargs.get('feature_cls') == 'pyramid':
+        # ViTDet's simple feature pyramid (feature_pyramid.py): from the last block unless out_indices says otherwise
+        kwargs.pop('feature_cls')
+        feature_cfg = dict(feature_cls=SimpleFeaturePyramid, out_indices=(-1,) if out_indices is None else out_indices,
+                           **{k: kwargs.pop(k) for k in ('strides', 'out_chans') if k in kwargs})
     try:
         return build_model_with_cfg(
             VisionLonghorn,
             variant,
             pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            feature_cfg=feature_cfg,
             **kwargs,
         )
     except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as e:

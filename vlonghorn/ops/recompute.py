@@ -19,8 +19,9 @@ def _tracing(x):
 def recompute_except_scan(fn, x, params, d_state=16):
     """fn(x), recomputed in the backward except for its scans (see the module docstring).
 
-    fn must be a pure function of x and of `params` (the parameters it reads: their gradients are returned
-    through this call) with no randomness; d_state: the scans' state size (it decides the backend)."""
+    fn must be a pure function of x and of `params` (an iterable of the parameters it reads, consumed only when
+    recomputing: their gradients are returned through this call) with no randomness; d_state: the scans' state
+    size (it decides the backend)."""
     if _tracing(x) or not torch.is_grad_enabled() or not uses_triton(x, d_state=d_state):
         return fn(x)
     if torch.compiler.is_compiling():
