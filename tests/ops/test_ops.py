@@ -285,3 +285,45 @@ def test_uses_triton_tells_where_a_scan_runs():
     assert ops.uses_triton(x32, backend="triton") and not ops.uses_triton(x64, backend="triton")
     assert not ops.uses_triton(x32, backend="triton", d_state=12)
     assert not ops.uses_triton(x32, backend="torch")
+
+
+@pytest.mark.parametrize("matrix", [False, True], ids=["loop", "matrix"])
+@pytest.mark.parametrize("length,reverse,strong", [(1, False, False), (16, True, False), (17, False, True),
+                                                    (50, True, False), (197, False, False)])
+def test_chunked_form_matches_reference(length, reverse, strong, matrix, monkeypatch):
+    """The traced form (chunks of 16 tokens, then the chunks' entry states: a matrix of bounded decay products, or
+    a loop over many chunks) against the float64 reference: fp32 < 1e-5, fp64 to rounding, finite for strong
+    writes whose decays underflow a chunk's product."""
+    monkeypatch.setattr(scan_torch, "_MATRIX_CHUNKS", 10 ** 9 if matrix else 0)
+    gen = torch.Generator().manual_seed(length)
+    B, E, N = 2, 6, 16
+    x, z = torch.randn(B, length, E, generator=gen), torch.randn(B, length, E, generator=gen)
+    dt = torch.randn(B, length, E, generator=gen) - 1
+    k, q = torch.randn(B, length, N, generator=gen) * 0.5, torch.randn(B, length, N, generator=gen) * 0.5
+    if strong:  # one-hot k times 30, beta near 1: decays about 1e-3, a chunk's product below fp32's range
+        k = torch.nn.functional.one_hot(torch.randint(0, N, (B, length), generator=gen), N).float() * 30
+        dt = dt.abs() + 8
+    bias, D = torch.randn(E, generator=gen), torch.randn(E, generator=gen)
+    ref = reference.longhorn_scan_ref(x, dt, k, q, bias, D, z, reverse)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        x_, dt_, k_, q_, bias_, D_, z_ = (t.to(dtype) for t in (x, dt, k, q, bias, D, z))
+        y = scan_torch._chunked(x_, dt_, k_, q_, bias_.expand(B, -1), D_.expand(B, -1), z_, reverse)
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < tol, (dtype, err)
+
+
+def test_traced_calls_take_the_chunked_form():
+    """Under torch.compile the scan is the chunked form (no graph break, no loop over the sequence): the compiled
+    function matches eager mode in its output and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 40, 8, generator=gen), torch.randn(2, 40, 8, generator=gen) - 1,
+            torch.randn(2, 40, 16, generator=gen) * 0.5, torch.randn(2, 40, 16, generator=gen) * 0.5,
+            torch.randn(8, generator=gen), torch.randn(8, generator=gen), torch.randn(2, 40, 8, generator=gen)]
+    args = [a.requires_grad_() for a in args]
+    compiled = torch.compile(lambda *a: ops.longhorn_scan(*a, backend="torch"), fullgraph=True, backend="aot_eager")
+    y_eager = ops.longhorn_scan(*args, backend="torch")
+    y = compiled(*args)
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(y.sum(), args), torch.autograd.grad(y_eager.sum(), args)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
