@@ -60,10 +60,8 @@ def _empty(like):
 
 
 # ------------------------------------------------------------------------------------------------ residency
-_RESIDENT = {}
+_RESIDENT = {}          # (kernel name, device, warps, compile key) -> programs resident per SM
 _LAST_RESIDENT = {}     # (kernel name, device) -> the residency of its last launch configuration
-
-
 _MOST_RESIDENT = 32     # programs per SM on any GPU these kernels run on
 
 
@@ -94,8 +92,7 @@ def _may_split(device, progs, limit):
 
 def _auto_parts(x, progs, resident, limit, waves, most):
     """Parts to cut every sequence into when `progs` programs (`resident` per SM) cannot fill the GPU: none (1)
-    above limit x SMs x resident programs or off CUDA, else about `waves` times that many programs, at most
-    `most` parts."""
+    above limit x SMs x resident programs, else about `waves` times that many programs, at most `most` parts."""
     cap = torch.cuda.get_device_properties(x.device).multi_processor_count * resident
     return 1 if progs > limit * cap else max(1, min(waves * cap // progs, most))
 
