@@ -6,14 +6,15 @@ DIR holds a `vlonghorn` package with its kernels at `vlonghorn/kernels` (what `p
 imports vlonghorn from there, so two trees (a change and the commit before it) can be timed by alternating runs
 in the same session on the same GPU. Measures, in bf16 autocast, inference images/s (eval, inference_mode) at
 224 px (batch 256), 1024 px (16) and 2048 px (2), and training images/s at 224 px (batch 256, fused AdamW), for
-vlonghorn_small and deit_small_patch16_224; appends one JSON line per run to --out.
+vlonghorn_small and deit_small_patch16_224, and each step's host time (where it nears the step's duration, the
+step waits for Python); appends one JSON line per run to --out.
 """
 import argparse
 import json
 import sys
 import time
 
-from harness import gpu_time, training_step
+from harness import gpu_time, training_step, wall_time
 
 CASES = [("infer", 224, 256), ("infer", 1024, 16), ("infer", 2048, 2), ("train", 224, 256)]
 
@@ -49,11 +50,16 @@ def main():
                 target = torch.randint(0, 1000, (batch,), device="cuda")
                 step = training_step(model, model.parameters(), x, target)
             row[name] = batch / gpu_time(step)
+            # the host's time per step (the clock stops when the last call returns): next to the step's GPU-timed
+            # duration it says whether the step waits for Python
+            row[f"{name} host ms"] = 1e3 * wall_time(step, n=3, warmup=1, sync=False)
             torch.cuda.empty_cache()
         row["ratio"] = row["vlonghorn_small"] / row["deit_small_patch16_224"]
         result["cases"][f"{kind} {res}px b{batch}"] = row
         print(f"{args.label}: {kind} {res}px b{batch}: vlonghorn_small {row['vlonghorn_small']:.0f} img/s, "
-              f"deit_small {row['deit_small_patch16_224']:.0f} img/s, ratio {row['ratio']:.3f}", flush=True)
+              f"deit_small {row['deit_small_patch16_224']:.0f} img/s, ratio {row['ratio']:.3f}; host ms per step "
+              f"{row['vlonghorn_small host ms']:.1f} vs GPU-timed {1e3 * batch / row['vlonghorn_small']:.1f}",
+              flush=True)
     if args.out:
         with open(args.out, "a") as fh:
             fh.write(json.dumps(result) + "\n")
