@@ -126,10 +126,9 @@ class KernelConfig:
     def _coerce(cls, key, value):
         kind = {f.name: f.type for f in dataclasses.fields(cls)}[key]
         kind = {"int": int, "float": float, "bool": bool}.get(kind, kind)
-        ok = (isinstance(value, bool) if kind is bool else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
-              isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
+        # bool is a subclass of int in Python: a flag is never a number here, nor a number a flag
+        accepted = {bool: (bool,), int: (int,), float: (int, float)}[kind]
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
             raise TypeError(f"kernel configuration {key!r} must be {kind.__name__}, got {value!r}")
         return kind(value)
 

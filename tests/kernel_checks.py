@@ -110,9 +110,10 @@ def _grads(out, leaves, grad_out):
 # ------------------------------------------------------------------------------------- integration, compile
 def _mixer(x, z, conv_params, scan_params):
     """A Vision Longhorn mixer's kernel calls, as the model makes them (no linear layers)."""
-    x_f, x_rev = bidirectional_conv1d_silu_triton(x, *conv_params)
-    (dt_f, k_f, q_f, b_f, D_f), (dt_b, k_b, q_b, b_b, D_b) = scan_params
-    return bidirectional_longhorn_scan_triton(x_f, x_rev, dt_f, dt_b, k_f, q_f, k_b, q_b, b_f, b_b, D_f, D_b, z)
+    x_fwd, x_rev = bidirectional_conv1d_silu_triton(x, *conv_params)
+    (dt_fwd, k_fwd, q_fwd, bias_fwd, D_fwd), (dt_rev, k_rev, q_rev, bias_rev, D_rev) = scan_params
+    return bidirectional_longhorn_scan_triton(x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd, k_rev, q_rev, bias_fwd,
+                                              bias_rev, D_fwd, D_rev, z)
 
 
 def _mixer_inputs(B, L, E, seed):

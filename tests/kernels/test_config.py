@@ -1,6 +1,7 @@
 """The kernels' launch configuration: typed and validated, and read where torch.compile guards it."""
 import ast
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -35,11 +36,11 @@ def test_unknown_or_mistyped_keys_are_errors_that_name_them():
 @pytest.mark.slow
 def test_environment_configuration_is_checked_at_import(text, message):
     run = subprocess.run([sys.executable, "-c", "import vlonghorn.kernels"], capture_output=True, text=True,
-                         env={**__import__("os").environ, "VLONGHORN_KERNEL_CONFIG": text})
+                         env={**os.environ, "VLONGHORN_KERNEL_CONFIG": text})
     assert run.returncode != 0 and "VLONGHORN_KERNEL_CONFIG" in run.stderr and message in run.stderr, run.stderr[-600:]
     ok = subprocess.run([sys.executable, "-c", "import vlonghorn.kernels as k; print(k.CONFIG.chunk_len)"],
                         capture_output=True, text=True,
-                        env={**__import__("os").environ, "VLONGHORN_KERNEL_CONFIG": json.dumps({"chunk_len": 96})})
+                        env={**os.environ, "VLONGHORN_KERNEL_CONFIG": json.dumps({"chunk_len": 96})})
     assert ok.returncode == 0 and ok.stdout.strip() == "96", ok.stderr[-600:]
 
 
