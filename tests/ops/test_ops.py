@@ -237,13 +237,18 @@ def test_strided_and_expanded_parameters_match_contiguous(backend):
     """dt_bias, D (scan) and the conv's weights and biases may be strided or expanded (stride-0) views; every backend
     reads them as their values (the Triton launchers once read them as if contiguous)."""
     torch.manual_seed(0)
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # (else: the interpreter)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=dev)
+
     B, L, E, N = 2, 9, 8, 16
-    x, dt, z = torch.randn(B, L, E), torch.randn(B, L, E), torch.randn(B, L, E)
-    k, q = torch.randn(B, L, N) * 0.5, torch.randn(B, L, N) * 0.5
+    x, dt, z = randn(B, L, E), randn(B, L, E), randn(B, L, E)
+    k, q = randn(B, L, N) * 0.5, randn(B, L, N) * 0.5
     views = {"strided": lambda v: torch.stack([v, torch.randn_like(v)], -1)[..., 0],
              "expanded": lambda v: v[:1].expand(E)}
     for kind, view in views.items():
-        for bias, D in ((view(torch.randn(E)), view(torch.randn(E))),):
+        for bias, D in ((view(randn(E)), view(randn(E))),):
             assert not bias.is_contiguous()
             got = ops.longhorn_scan(x, dt, k, q, bias, D, z, backend=backend)
             ref = ops.longhorn_scan(x, dt, k, q, bias.contiguous(), D.contiguous(), z, backend="torch")
@@ -253,9 +258,8 @@ def test_strided_and_expanded_parameters_match_contiguous(backend):
                                                     bias.contiguous(), D.contiguous(), D.contiguous(), z,
                                                     backend="torch")
             torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, msg=f"bidirectional scan, {kind} parameters")
-        w = torch.randn(E, 4) if kind == "strided" else torch.randn(1, 4)
-        w = torch.randn(E, 8)[:, ::2] if kind == "strided" else w.expand(E, 4)
-        b = view(torch.randn(E))
+        w = randn(E, 8)[:, ::2] if kind == "strided" else randn(1, 4).expand(E, 4)
+        b = view(randn(E))
         got = ops.bidirectional_conv1d_silu(x, w, b, w, b, backend=backend)
         ref = ops.bidirectional_conv1d_silu(x, w.contiguous(), b.contiguous(), w.contiguous(), b.contiguous(),
                                             backend="torch")

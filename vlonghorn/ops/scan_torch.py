@@ -24,7 +24,9 @@ _CHUNK_ELEMENTS = 1 << 20
 def _no_autocast(device_type):
     """Switch autocast off where it is on (entering no context otherwise: torch.export wraps every autocast
     region of a graph in a subgraph of its own, which costs tracing time)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # (cpu and cuda have autocast: torch 2.11's dynamo cannot trace the availability check)
+    available = device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+    if available and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
