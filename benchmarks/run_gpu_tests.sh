@@ -4,8 +4,8 @@
 # else benchmarks/results. More arguments go to both pytest runs. With pytest-xdist installed the runs use workers
 # (8 for the quick tier: on a fresh machine most of its time is Triton compiling the kernels' variants, CPU-bound,
 # which the workers share out; for the rest, two fewer than the cores with one thread each: its CPU-tensor model
-# tests dominate, and workers that each take torch's default thread count oversubscribe the cores). One H200 node with 16
-# cores, 2026-12-04: quick tier 97 s cold, the rest 299 s.
+# tests dominate, and workers that each take torch's default thread count oversubscribe the cores). One H200 node
+# with 16 cores, 2026-12-04: quick tier 97 s cold, the rest 299 s.
 #
 #   OUT=/tmp/logs bash benchmarks/run_gpu_tests.sh [-x]
 set -uo pipefail
@@ -24,7 +24,8 @@ for tier in gpu-fast rest; do
   marks=(-m "not gpu_fast"); [ "$tier" = gpu-fast ] && marks=(-m gpu_fast)
   workers=(); threads=${OMP_NUM_THREADS:-}
   if [ $xdist = 1 ]; then
-    if [ "$tier" = gpu-fast ]; then workers=(-n 8); threads=2; else workers=(-n $(( cores > 3 ? cores - 2 : 1 ))); threads=1; fi
+    if [ "$tier" = gpu-fast ]; then workers=(-n 8); threads=2
+    else workers=(-n $(( cores > 3 ? cores - 2 : 1 ))); threads=1; fi
   fi
   start=$(date +%s)
   OMP_NUM_THREADS=${threads:-$cores} python3 -m pytest "${marks[@]}" "${workers[@]}" -q -rfEs --durations=15 "$@" \
