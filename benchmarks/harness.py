@@ -158,6 +158,21 @@ def wall_time(fn, n=10, warmup=3, sync=True):
     return elapsed / n
 
 
+def host_time(fn, n=10, warmup=3):
+    """Median seconds from a call of `fn` on an idle GPU until it returns: the host's time for one step, exact as
+    long as one step's launches fit the launch queue (a fuller queue makes the host wait for the GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def cpu_time(fn, reps=10, warmup=1):
     """(median, min) seconds of `fn` on the CPU over `reps` calls, each timed alone, after `warmup` calls."""
     for _ in range(warmup):
