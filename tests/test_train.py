@@ -40,12 +40,7 @@ def _env():
 def run_train(*args, check=True, timeout=600, launcher=None):
     cmd = [*(launcher or [sys.executable]), str(TRAIN), "--config", str(DIGITS_RECIPE), "--no-progress",
            *map(str, args)]
-    env = _env()
-    if launcher and "--cpu" in args:
-        # processes told to run on the CPU see no GPU: accelerate's barrier otherwise addresses GPU <rank> (one GPU
-        # and two processes: "invalid device ordinal")
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexited {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     return proc
