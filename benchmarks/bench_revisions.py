@@ -1,6 +1,6 @@
 """Model-level speed of one source tree of vlonghorn next to timm's DeiT, for before/after comparisons of a change.
 
-    python benchmarks/bench_revisions.py --tree DIR --label NAME [--out FILE.jsonl]
+    python benchmarks/bench_revisions.py --tree DIR --label NAME [--out FILE.jsonl] [--cases train224 ...]
 
 DIR holds a `vlonghorn` package with its kernels at `vlonghorn/kernels` (what `pip install` lays out); the script
 imports vlonghorn from there, so two trees (a change and the commit before it) can be timed by alternating runs
@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--tree", required=True, help="folder holding the vlonghorn package to import")
     ap.add_argument("--label", required=True)
     ap.add_argument("--out", default=None, help="JSON-lines file to append the result to")
+    ap.add_argument("--cases", nargs="+", default=None, choices=[f"{k}{r}" for k, r, _ in CASES],
+                    help="run only these cases (default: all)")
     args = ap.parse_args()
     sys.path.insert(0, args.tree)      # the source tree under test (not a script), before any installed vlonghorn
     import timm
@@ -33,6 +35,8 @@ def main():
     result = {"label": args.label, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "cases": {}}
     for kind, res, batch in CASES:
+        if args.cases and f"{kind}{res}" not in args.cases:
+            continue
         row = {}
         for name in ("vlonghorn_small", "deit_small_patch16_224"):
             torch.manual_seed(0)
