@@ -291,13 +291,14 @@ def test_uses_triton_tells_where_a_scan_runs():
     assert not ops.uses_triton(x32, backend="torch")
 
 
-@pytest.mark.parametrize("matrix", [False, True], ids=["loop", "matrix"])
+@pytest.mark.parametrize("matrix", [False, True], ids=["chunks", "matrix"])
 @pytest.mark.parametrize("length,reverse,strong", [(1, False, False), (16, True, False), (17, False, True),
-                                                    (50, True, False), (197, False, False)])
+                                                    (50, True, False), (197, False, False), (300, True, True),
+                                                    (4500, False, False)])
 def test_chunked_form_matches_reference(length, reverse, strong, matrix, monkeypatch):
     """The traced form (chunks of 16 tokens, then the chunks' entry states: a matrix of bounded decay products, or
-    a loop over many chunks) against the float64 reference: fp32 < 1e-5, fp64 to rounding, finite for strong
-    writes whose decays underflow a chunk's product."""
+    for many chunks a loop (up to 16) or the chunked scan one level up, twice for 4500 tokens) against the float64
+    reference: fp32 < 1e-5, fp64 to rounding, finite for strong writes whose decays underflow a chunk's product."""
     monkeypatch.setattr(scan_torch, "_MATRIX_CHUNKS", 10 ** 9 if matrix else 0)
     gen = torch.Generator().manual_seed(length)
     B, E, N = 2, 6, 16

@@ -31,6 +31,11 @@ def _no_autocast(device_type):
     return contextlib.nullcontext()
 
 
+def _as(t, dtype):
+    """t in dtype, with no cast traced when it already is"""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -196,10 +201,11 @@ def _backward(grad_out, x, dt, k, q, dt_bias, D, z, reverse):
     return dx, ddt, dk, dq, ddt_bias, dD, dz
 
 
-# Tokens per chunk of the chunked form: its one Python loop runs this many steps whatever the sequence length, and
-# the sequential part left (the chunks' entry states) is ceil(L / _CHUNK) steps or, traced, one matrix product.
+# Tokens per chunk of the chunked form: its Python loop runs this many steps whatever the sequence length; the
+# chunks' entry states are one matrix product, or for many chunks the same chunked scan one level up.
 _CHUNK = 16
-# Up to this many chunks (1024 tokens) their entry states come from one matrix product, beyond it from a loop
+# Up to this many chunks (1024 tokens) their entry states come from one matrix product, beyond it from a scan of
+# the chunks in chunks
 _MATRIX_CHUNKS = 64
 
 
@@ -213,18 +219,29 @@ def _chunked(x, dt, k, q, dt_bias, D, z, reverse):
     formed, never their inverses, so nothing overflows however small the decays (docs/gradients.md section 7).
     """
     cdtype = _compute_dtype(x)
-    if reverse:
-        x, dt, k, q = (t.flip(1) for t in (x, dt, k, q))
-        z = z.flip(1) if z is not None else None
-    batch, length, channels = x.shape
+    packed = _pack(x, dt, k, q, cdtype)
+    y = _chunked_packed(packed.flip(1) if reverse else packed, x.shape[-1], dt_bias, D)
+    y = y.flip(1) if reverse else y
+    if z is not None:
+        y = y * F.silu(_as(z, cdtype))
+    return y.to(x.dtype)
+
+
+def _pack(x, dt, k, q, dtype):
+    """x, dt, k and q side by side, (B, L, 2E + 2N) in dtype: one pad, one reshape and one flip for all four (a
+    traced graph holds fewer nodes)."""
+    return torch.cat([_as(x, dtype), _as(dt, dtype), _as(k, dtype), _as(q, dtype)], -1)
+
+
+def _chunked_packed(packed, channels, dt_bias, D):
+    """The chunked scan of `_pack`ed inputs in scan order: sum_n S_t[:, n] q_t[n] + D x_t, (B, L, E) in the
+    packed inputs' dtype."""
+    batch, length, width = packed.shape
+    n_state = (width - 2 * channels) // 2
     pad = (-length) % _CHUNK          # padded tokens have k = 0: decay 1, input 0, the state passes unchanged
-
-    def chunks(t):
-        t = F.pad(t.to(cdtype), (0, 0, 0, pad))
-        return t.reshape(batch, -1, _CHUNK, t.shape[-1])            # (B, M, C, .)
-
-    xc, dtc, kc, qc = (chunks(t) for t in (x, dt, k, q))
-    beta = torch.sigmoid(dtc + dt_bias.to(cdtype)[:, None, None, :])
+    packed = F.pad(packed, (0, 0, 0, pad)).reshape(batch, -1, _CHUNK, width)                # (B, M, C, .)
+    xc, dtc, kc, qc = packed.split([channels, channels, n_state, n_state], -1)
+    beta = torch.sigmoid(dtc + _as(dt_bias, packed.dtype)[:, None, None, :])
     k2 = kc * kc
     kappa = k2.sum(-1, keepdim=True)
     rden = 1 / (1 + beta * kappa)
@@ -232,20 +249,11 @@ def _chunked(x, dt, k, q, dt_bias, D, z, reverse):
     # f = 1 - eps k^2 in the form exact when one k[n]^2 carries all of kappa: (1 + beta (kappa - k^2)) / den
     decay = rden[..., None] * (1 + beta[..., None] * (kappa - k2)[:, :, :, None, :])         # (B, M, C, E, N)
     inp = (eps * xc)[..., None] * kc[:, :, :, None, :]
-    states, prods = [inp[:, :, 0]], [decay[:, :, 0]]
-    for decay_c, inp_c in zip(decay.unbind(2)[1:], inp.unbind(2)[1:]):
-        states.append(torch.addcmul(inp_c, decay_c, states[-1]))
-        prods.append(decay_c * prods[-1])
-    entry = _entry_states(prods[-1], states[-1])                                            # (B, M, E, N)
-    # y_t = q_t . (S_t from zero + (f_1 ... f_t) S_entry), for every step of every chunk at once
-    states = torch.addcmul(torch.stack(states, 2), torch.stack(prods, 2), entry[:, :, None])   # (B, M, C, E, N)
-    y = (states * qc[:, :, :, None, :]).sum(-1)                                               # (B, M, C, E)
-    y = y.reshape(batch, -1, channels)[:, :length]
+    states = _chunk_states(decay, inp)                                                      # (B, M, C, E, N)
+    y = torch.matmul(states, qc[..., None])[..., 0]                                         # (B, M, C, E)
     if D is not None:
-        y = y + D.to(cdtype)[:, None, :] * x.to(cdtype)
-    if z is not None:
-        y = y * F.silu(z.to(cdtype))
-    return (y.flip(1) if reverse else y).to(x.dtype)
+        y = y + _as(D, packed.dtype)[:, None, None, :] * xc
+    return y.reshape(batch, -1, channels)[:, :length]
 
 
 def _tracing(t):
@@ -255,17 +263,39 @@ def _tracing(t):
             or _get_current_dispatch_mode() is not None)
 
 
+def _chunk_states(decay, inp):
+    """S_t = f_t S_{t-1} + c_t from a zero state, over chunks (B, M, C, E, N) of one sequence (chunk m follows
+    chunk m - 1): every chunk from zero in C steps that each cover all chunks, then each chunk's entry state
+    (`_entry_states`) carried in through the chunk's running decay products, S_t += (f_1 ... f_t) S_entry."""
+    decays, inps = decay.split(1, 2), inp.split(1, 2)     # (as split: one node each when exported, not C slices)
+    states, prods = [inps[0]], [decays[0]]
+    for decay_c, inp_c in zip(decays[1:], inps[1:]):
+        states.append(inp_c + decay_c * states[-1])
+        prods.append(decay_c * prods[-1])
+    entry = _entry_states(prods[-1][:, :, 0], states[-1][:, :, 0])                           # (B, M, E, N)
+    return torch.addcmul(torch.cat(states, 2), torch.cat(prods, 2), entry[:, :, None])
+
+
 def _entry_states(prod, end):
-    """The state entering every chunk (zero for the first) from each chunk's decay product and end state from
-    zero, (B, M, E, N): for up to _MATRIX_CHUNKS chunks, or a symbolic number of them, as one product with weights
-    exp(log A_{j+1} + ... + log A_{m-1}) whose exponents are <= 0 (no loop in the graph, O(M^2) memory); else by a
-    loop over the chunks."""
+    """The state entering every chunk (zero for the first), (B, M, E, N), from each chunk's decay product A_m and
+    end state from zero Z_m: E_{m+1} = A_m E_m + Z_m.
+
+    For up to _MATRIX_CHUNKS chunks, or a symbolic number of them, one product with weights
+    exp(log A_{j+1} + ... + log A_{m-1}) whose exponents are <= 0 (no loop in the graph, O(M^2) memory). For more
+    chunks, the same recurrence one level up, itself in chunks of _CHUNK: a traced graph then grows with the
+    logarithm of the length, not with the length."""
     n_chunks = prod.shape[1]
     if isinstance(n_chunks, int) and n_chunks > _MATRIX_CHUNKS:
-        entries = [torch.zeros_like(end[:, 0])]
-        for m in range(n_chunks - 1):
-            entries.append(torch.addcmul(end[:, m], prod[:, m], entries[-1]))
-        return torch.stack(entries, 1)
+        if n_chunks <= _CHUNK:
+            entries = [torch.zeros_like(end[:, 0])]
+            for m in range(n_chunks - 1):
+                entries.append(torch.addcmul(end[:, m], prod[:, m], entries[-1]))
+            return torch.stack(entries, 1)
+        pad = (-n_chunks) % _CHUNK        # padded chunks: product 1, end state 0
+        prod = F.pad(prod, (0, 0, 0, 0, 0, pad), value=1.0).unflatten(1, (-1, _CHUNK))
+        end = F.pad(end, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, _CHUNK))
+        through = _chunk_states(prod, end).flatten(1, 2)[:, :n_chunks - 1]      # the states after chunks 0 .. M-2
+        return torch.cat([torch.zeros_like(through[:, :1]), through], 1)
     tiny = torch.finfo(prod.dtype).tiny
     log_a = torch.log(prod.clamp_min(tiny))       # a product below `tiny` counts as `tiny`: an error below it
     through = torch.cumsum(log_a, 1)              # log A_0 + ... + log A_m
@@ -319,7 +349,15 @@ def bidirectional_longhorn_scan_torch(x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd
         D_fwd = D_fwd if D_fwd is not None else x_fwd.new_zeros(x_fwd.shape[-1])
         D_rev = D_rev if D_rev is not None else x_rev.new_zeros(x_rev.shape[-1])
         D = torch.cat([_rows(D_fwd, batch), _rows(D_rev, batch)])
-    y = _scan(both(x_fwd, x_rev), both(dt_fwd, dt_rev), both(k_fwd, k_rev), both(q_fwd, q_rev),
-              torch.cat([_rows(dt_bias_fwd, batch), _rows(dt_bias_rev, batch)]), D, None, False)
-    y = (y[:batch] + y[batch:].flip(1)) * 0.5
+    dt_bias = torch.cat([_rows(dt_bias_fwd, batch), _rows(dt_bias_rev, batch)])
+    if _tracing(x_fwd):     # the chunked form of both directions from one packed tensor: one flip in, one out
+        with _no_autocast(x_fwd.device.type):
+            cdtype = _compute_dtype(x_fwd)
+            packed = both(_pack(x_fwd, dt_fwd, k_fwd, q_fwd, cdtype), _pack(x_rev, dt_rev, k_rev, q_rev, cdtype))
+            y = _chunked_packed(packed, x_fwd.shape[-1], dt_bias, D).to(x_fwd.dtype)
+    else:
+        y = _scan(both(x_fwd, x_rev), both(dt_fwd, dt_rev), both(k_fwd, k_rev), both(q_fwd, q_rev), dt_bias, D,
+                  None, False)
+    y = y.unflatten(0, (2, batch))
+    y = (y[0] + y[1].flip(1)) * 0.5
     return y if z is None else y * F.silu(z)
