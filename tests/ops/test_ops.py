@@ -297,7 +297,7 @@ def test_uses_triton_tells_where_a_scan_runs():
                                                     (4500, False, False)])
 def test_chunked_form_matches_reference(length, reverse, strong, matrix, monkeypatch):
     """The traced form (chunks of 16 tokens, then the chunks' entry states: a matrix of bounded decay products, or
-    for many chunks a loop (up to 16) or the chunked scan one level up, twice for 4500 tokens) against the float64
+    for many chunks the chunked scan one level up, twice for 4500 tokens) against the float64
     reference: fp32 < 1e-5, fp64 to rounding, finite for strong writes whose decays underflow a chunk's product."""
     monkeypatch.setattr(scan_torch, "_MATRIX_CHUNKS", 10 ** 9 if matrix else 0)
     gen = torch.Generator().manual_seed(length)

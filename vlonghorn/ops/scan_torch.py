@@ -286,11 +286,8 @@ def _entry_states(prod, end):
     logarithm of the length, not with the length."""
     n_chunks = prod.shape[1]
     if isinstance(n_chunks, int) and n_chunks > _MATRIX_CHUNKS:
-        if n_chunks <= _CHUNK:
-            entries = [torch.zeros_like(end[:, 0])]
-            for m in range(n_chunks - 1):
-                entries.append(torch.addcmul(end[:, m], prod[:, m], entries[-1]))
-            return torch.stack(entries, 1)
+        if n_chunks == 1:
+            return torch.zeros_like(end)
         pad = (-n_chunks) % _CHUNK        # padded chunks: product 1, end state 0
         prod = F.pad(prod, (0, 0, 0, 0, 0, pad), value=1.0).unflatten(1, (-1, _CHUNK))
         end = F.pad(end, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, _CHUNK))
