@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlonghorn.kernels import bidirectional_conv1d_silu as bidirectional_conv1d_silu_triton
 from vlonghorn.kernels import bidirectional_longhorn_scan as bidirectional_longhorn_scan_triton
@@ -94,6 +95,18 @@ def _scan_inputs(B, L, E, N, dtype, strided=False, strong=False, has_D=True, has
     bias_v = leaf("dt_bias", bias.to(torch.float32))  # parameters stay fp32 under autocast
     D_v = leaf("D", D.to(torch.float32)) if has_D else None
     return dict(x=x_v, dt=dt_v, k=k_v, q=q_v, dt_bias=bias_v, D=D_v, z=z_v), leaves
+
+
+class SeenOps(TorchDispatchMode):
+    """A dispatch mode that records the name of every op dispatched under it (in `seen`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def _randn(*shape, dtype=torch.float32, seed=9):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import CUDA, DEV, _mixer, _mixer_inputs, _rel, _scan_inputs, needs_cuda
+from kernel_checks import CUDA, DEV, SeenOps, _mixer, _mixer_inputs, _rel, _scan_inputs, needs_cuda
 from vlonghorn.kernels.launch import RECON_STATE
 
 
@@ -79,17 +79,6 @@ def test_eager_calls_skip_the_custom_ops(config):
     """In eager mode the entry points call the launchers through autograd Functions (no torch.library wrapping);
     under a dispatch mode (as for fake tensors or a FLOP counter) they go through the custom ops, and both ways give
     the same outputs and gradients, bit for bit."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class SeenOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.add(str(func))
-            return func(*args, **(kwargs or {}))
-
     x, z, conv_params, scan_params = _mixer_inputs(*((2, 21, 40) if not CUDA else (4, 197, 256)), seed=8)
     leaves = [x, z] + conv_params + [t for ps in scan_params for t in ps]
     g = torch.randn_like(x).detach()

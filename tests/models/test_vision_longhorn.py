@@ -1,4 +1,6 @@
 """The Vision Longhorn models through timm's API: sizes, shapes, features, checkpoints and input errors."""
+import math
+
 import pytest
 import timm
 import timm.optim
@@ -255,3 +257,81 @@ def test_checkpoints_with_the_old_direction_name_load(tmp_path):
     loaded = _nano(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------- scan orders
+def test_reorder_tokens_moves_patches_and_keeps_the_class_token_in_the_middle():
+    from vlonghorn.models.vision_longhorn import reorder_tokens
+    height, width = 3, 5
+    patches = torch.arange(height * width)
+    x = torch.cat([patches[:7], torch.tensor([-1]), patches[7:]]).view(1, -1, 1).float()  # class token = -1
+    column = reorder_tokens(x, (height, width), "raster", "column")
+    want = patches.view(height, width).t().flatten()
+    torch.testing.assert_close(column[0, :, 0], torch.cat([want[:7], torch.tensor([-1]), want[7:]]).float())
+    square = torch.cat([torch.arange(8), torch.tensor([-1]), torch.arange(8, 16)]).view(1, -1, 1).float()
+    zorder = reorder_tokens(square, (4, 4), "raster", "zorder")[0, :, 0].tolist()
+    assert zorder == [0, 1, 4, 5, 2, 3, 6, 7, -1, 8, 9, 12, 13, 10, 11, 14, 15]   # 2x2 cells, then cells of cells
+    for order in ("column", "zorder"):
+        y = reorder_tokens(x, (height, width), "raster", order)
+        torch.testing.assert_close(reorder_tokens(y, (height, width), order, "raster"), x)
+    torch.testing.assert_close(reorder_tokens(reorder_tokens(x, (3, 5), "raster", "column"), (3, 5), "column",
+                                              "zorder"), reorder_tokens(x, (3, 5), "raster", "zorder"))
+
+
+@pytest.mark.parametrize("order", ["alternate", "zorder"])
+def test_scan_orders_scan_blocks_in_their_order_and_give_raster_features(order):
+    from vlonghorn.models.vision_longhorn import reorder_tokens
+    torch.manual_seed(0)
+    model = _nano(scan_order=order, dynamic_img_size=True).eval()
+    raster = _nano(dynamic_img_size=True).eval()
+    raster.load_state_dict(model.state_dict())   # same weights, raster scans: checkpoints load across orders
+    x = torch.randn(2, 3, 48, 80)                  # a 6 x 10 grid
+    grid = (6, 10)
+    with torch.no_grad():
+        tokens, taps = model._embed(x), []
+        for i, block in enumerate(model.blocks):
+            scan = "column" if (order == "alternate" and i % 2) else ("zorder" if order == "zorder" else "raster")
+            tokens = reorder_tokens(block(reorder_tokens(tokens, grid, "raster", scan)), grid, scan, "raster")
+            taps.append(tokens)
+        torch.testing.assert_close(model.forward_features(x), model.norm(tokens))
+        final, inter = model.forward_intermediates(x, indices=[1, 3], output_fmt="NLC")
+        torch.testing.assert_close(final, model.norm(tokens))
+        for got, want in zip(inter, (taps[1], taps[3])):
+            torch.testing.assert_close(got, model._split_class_token(want)[0])
+        assert not torch.allclose(raster.forward_features(x), final, atol=1e-3)   # the order changes the result
+
+
+def test_scan_order_trains_with_grad_checkpointing():
+    torch.manual_seed(0)
+    model = _nano(scan_order="alternate", num_classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    grads = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    model.set_grad_checkpointing(True)
+    for g, g2 in zip(grads, torch.autograd.grad(model(x).sum(), list(model.parameters()))):
+        torch.testing.assert_close(g, g2)
+    assert all(g.abs().sum() > 0 for g in grads[:3])
+
+
+def test_step_scale_shifts_every_step_size():
+    torch.manual_seed(0)
+    model = _nano(step_scale=0.25).eval()
+    shifted = _nano().eval()
+    shifted.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for block in shifted.blocks:
+            for direction in (block.mixer.fwd, block.mixer.rev):
+                direction.dt_proj.bias += math.log(0.25)
+        x = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(model(x), shifted(x))
+        tokens = torch.randn(1, 65, 64)
+        torch.testing.assert_close(model.blocks[0].mixer(tokens), shifted.blocks[0].mixer(tokens))
+        model.set_step_scale(1.0)
+        assert not torch.allclose(model.blocks[0].mixer(tokens), shifted.blocks[0].mixer(tokens), rtol=0.05)
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="step_scale must be positive"):
+            model.set_step_scale(bad)
+
+
+def test_bad_scan_order_names_the_choices():
+    with pytest.raises(ValueError, match="scan_order must be one of .*'raster', 'alternate', 'zorder'.*'columns'"):
+        _nano(scan_order="columns")

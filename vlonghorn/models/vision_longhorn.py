@@ -111,6 +111,8 @@ class LonghornMixer(nn.Module):
         self.fwd = ScanDirection(d_inner, d_state, dt_rank, d_conv, **dd)
         self.rev = ScanDirection(d_inner, d_state, dt_rank, d_conv, **dd)
         self.out_proj = nn.Linear(d_inner, dim, bias=False, **dd)
+        # log of a factor on the step sizes beta, added to dt_bias (VisionLonghorn.set_step_scale); 0: as trained
+        self.dt_shift = 0.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
@@ -118,10 +120,11 @@ class LonghornMixer(nn.Module):
             x, self.fwd.conv_weight, self.fwd.conv_bias, self.rev.conv_weight, self.rev.conv_bias)
         dt_fwd, k_fwd, q_fwd = self.fwd.project(x_fwd)
         dt_rev, k_rev, q_rev = self.rev.project(x_rev)
+        bias_fwd, bias_rev = self.fwd.dt_proj.bias, self.rev.dt_proj.bias
+        if self.dt_shift:
+            bias_fwd, bias_rev = bias_fwd + self.dt_shift, bias_rev + self.dt_shift
         y = bidirectional_longhorn_scan(
-            x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd, k_rev, q_rev,
-            self.fwd.dt_proj.bias, self.rev.dt_proj.bias, self.fwd.D, self.rev.D, z,
-        )
+            x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd, k_rev, q_rev, bias_fwd, bias_rev, self.fwd.D, self.rev.D, z)
         return self.out_proj(y)
 
 
@@ -185,6 +188,41 @@ def check_image_batch(
                          f'create the model with img_size=({height}, {width}) or dynamic_img_size=True')
 
 
+SCAN_ORDERS = ('raster', 'alternate', 'zorder')
+
+
+def _zorder(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """Raster indices of a (height, width) grid in Z (Morton) order: a 2x2 cell's four tokens are neighbours in
+    the sequence at every scale, so a grid twice as fine shows each token of the coarse one as four in a row."""
+    rows = torch.arange(height, device=device)[:, None].expand(height, width)
+    cols = torch.arange(width, device=device)[None, :].expand(height, width)
+    code = torch.zeros(height, width, dtype=torch.long, device=device)
+    for bit in range(max(height, width).bit_length()):
+        code = code | ((rows >> bit) & 1) << (2 * bit + 1) | ((cols >> bit) & 1) << (2 * bit)
+    return code.flatten().argsort()
+
+
+@register_notrace_function  # FX wraps only public names: no leading underscore
+def reorder_tokens(x: torch.Tensor, grid: Tuple[int, int], src: str, dst: str) -> torch.Tensor:
+    """Tokens (B, L + 1, D), class token in the middle, from scan order `src` to `dst` ('raster': row by row,
+    'column': column by column, 'zorder': Morton order); the class token stays in the middle."""
+    if src == dst:
+        return x
+    height, width = grid
+    middle = (x.shape[1] - 1) // 2
+    patches, cls_token = torch.cat([x[:, :middle], x[:, middle + 1:]], dim=1), x[:, middle:middle + 1]
+    batch, _, channels = patches.shape
+    if src == 'column':
+        patches = patches.reshape(batch, width, height, channels).transpose(1, 2).reshape(batch, -1, channels)
+    elif src == 'zorder':
+        patches = patches.index_select(1, _zorder(height, width, x.device).argsort())
+    if dst == 'column':
+        patches = patches.reshape(batch, height, width, channels).transpose(1, 2).reshape(batch, -1, channels)
+    elif dst == 'zorder':
+        patches = patches.index_select(1, _zorder(height, width, x.device))
+    return torch.cat([patches[:, :middle], cls_token, patches[:, middle:]], dim=1)
+
+
 class VisionLonghorn(nn.Module):
     """ Vision Longhorn
 
@@ -209,6 +247,8 @@ class VisionLonghorn(nn.Module):
             drop_path_rate: float = 0.,
             dynamic_img_size: bool = False,
             recompute_mixer: bool = True,
+            scan_order: str = 'raster',
+            step_scale: float = 1.0,
             device=None,
             dtype=None,
     ):
@@ -231,11 +271,17 @@ class VisionLonghorn(nn.Module):
                 backward and recompute the rest of the block there (about half the training memory of
                 vlonghorn_small, for 5-30% more time in eager mode and 5% under torch.compile);
                 `set_grad_checkpointing` recomputes whole blocks instead.
+            scan_order: The order the blocks scan the patch tokens in: 'raster' (row by row, every block),
+                'alternate' (rows in even blocks, columns in odd ones) or 'zorder' (Morton order, every block).
+                Features and outputs are in raster order whatever the scan order.
+            step_scale: A factor on every step size beta (see `set_step_scale`); 1 runs the model as trained.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         if global_pool not in ('', 'avg', 'token'):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if scan_order not in SCAN_ORDERS:
+            raise ValueError(f"scan_order must be one of {SCAN_ORDERS}, got {scan_order!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
@@ -267,6 +313,10 @@ class VisionLonghorn(nn.Module):
                   **dd)
             for i in range(depth)
         ])
+        self.scan_order = scan_order
+        self.block_orders = [{'raster': 'raster', 'zorder': 'zorder'}.get(scan_order, 'column' if i % 2 else 'raster')
+                             for i in range(depth)]
+        self.set_step_scale(step_scale)
         self.feature_info = [
             dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)
         ]
@@ -305,6 +355,16 @@ class VisionLonghorn(nn.Module):
         self.grad_checkpointing = enable
         for block in self.blocks:
             block.in_checkpoint = enable
+
+    def set_step_scale(self, scale: float) -> None:
+        """Multiply every step size beta by `scale` (through dt_bias: sigmoid(a + log s) is s * sigmoid(a) while
+        beta is small, as the learned ones mostly are). Below 1 the scans remember over more tokens: e.g. 1/s on a
+        grid s times finer than the training one."""
+        if not scale > 0:
+            raise ValueError(f'step_scale must be positive, got {scale}')
+        self.step_scale = float(scale)
+        for block in self.blocks:
+            block.mixer.dt_shift = math.log(scale)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -362,6 +422,31 @@ class VisionLonghorn(nn.Module):
         middle = (x.shape[1] - 1) // 2
         return torch.cat([x[:, :middle], x[:, middle + 1:]], dim=1), x[:, middle:middle + 1]
 
+    def _forward_blocks(
+            self,
+            x: torch.Tensor,
+            grid: Tuple[int, int],
+            blocks: nn.Sequential,
+            take_indices: Optional[List[int]] = None,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Run `blocks` on raster-order tokens, each in its scan order; returns the tokens and the outputs of the
+        blocks in `take_indices`, all in raster order."""
+        intermediates = []
+        order = 'raster'
+        for i, block in enumerate(blocks):
+            if self.block_orders[i] != order:
+                x = reorder_tokens(x, grid, order, self.block_orders[i])
+                order = self.block_orders[i]
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
+            if take_indices is not None and i in take_indices:
+                intermediates.append(x if order == 'raster' else reorder_tokens(x, grid, order, 'raster'))
+        if order != 'raster':
+            x = reorder_tokens(x, grid, order, 'raster')
+        return x, intermediates
+
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -391,14 +476,9 @@ class VisionLonghorn(nn.Module):
 
         x = self._embed(x)
         blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
-        intermediates = []
-        for i, block in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x)
-            else:
-                x = block(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
+        x, intermediates = self._forward_blocks(x, grid, blocks, take_indices)
+        if norm:
+            intermediates = [self.norm(y) for y in intermediates]
 
         pairs = [self._split_class_token(y) for y in intermediates]
         spatial = [p[0] for p in pairs]
@@ -428,11 +508,15 @@ class VisionLonghorn(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> normalised tokens (B, L + 1, D), the class token in the middle."""
-        x = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
+        if self.scan_order == 'raster':
+            x = self._embed(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(self.blocks, x)
+            else:
+                x = self.blocks(x)
         else:
-            x = self.blocks(x)
+            grid = (x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1])
+            x = self._forward_blocks(self._embed(x), grid, self.blocks)[0]
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
