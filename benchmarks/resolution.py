@@ -158,9 +158,10 @@ def evaluate_all(specs, sizes, args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {label: {"model": name, "kwargs": kwargs, "run": str(_run_dir(label, args)), "top1": {},
                        "ablations": {}} for label, name, kwargs in specs}
+    # every model compared shares timm's ImageNet mean / std and bicubic resizing: the first one's data config
+    cfg = resolve_data_config({}, model=timm.create_model(specs[0][1], pretrained=False, num_classes=10))
     for size in sizes:
         scale = size / TRAIN_SIZE
-        cfg = resolve_data_config({}, model=timm.create_model(specs[0][1], pretrained=False, num_classes=10))
         images, labels = test_images(args, size, cfg["mean"], cfg["std"], cfg["interpolation"], device)
         for label, name, kwargs in specs:
             run = _run_dir(label, args)
