@@ -249,6 +249,7 @@ def test_eval_only_and_finetune_new_head_and_resolution(digits_run, small_digits
     saved = load_file(str(best / "model.safetensors"))
     state = model.state_dict()
     assert arch_kwargs["img_size"] == 12 and state["head.weight"].shape[0] == 12
+    assert arch_kwargs["global_pool"] == model.global_pool  # recorded though the recipe leaves it at its default
     resampled = [k for k in saved if k in state and saved[k].shape != state[k].shape]
     assert resampled and all("pos_embed" in k or k.startswith("head.") for k in resampled), resampled
     assert all(torch.equal(saved[k], state[k]) for k in saved if k in state and k not in resampled)

@@ -107,11 +107,22 @@ def test_global_pool(pool, shape):
 
 
 def test_class_token_pooling_reads_the_middle_token():
-    model = _nano().eval()
+    model = _nano(global_pool="token").eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         feats = model.forward_features(x)
         torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats[:, 32])
+
+
+def test_default_pooling_is_the_mean_of_the_patch_tokens():
+    """'avg' is the default (issue 19); the class token in the middle is left out of the mean."""
+    model = _nano().eval()
+    assert model.global_pool == "avg"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pooled = model.forward_head(feats, pre_logits=True)
+    torch.testing.assert_close(pooled, torch.cat([feats[:, :32], feats[:, 33:]], dim=1).mean(dim=1))
 
 
 def test_classifier_reset_and_head():

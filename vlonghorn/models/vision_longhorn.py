@@ -237,7 +237,7 @@ class VisionLonghorn(nn.Module):
             patch_size: Union[int, Tuple[int, int]] = 16,
             in_chans: int = 3,
             num_classes: int = 1000,
-            global_pool: str = 'token',
+            global_pool: str = 'avg',
             embed_dim: int = 384,
             depth: int = 24,
             d_state: int = 16,
@@ -258,7 +258,10 @@ class VisionLonghorn(nn.Module):
             patch_size: Patch size.
             in_chans: Number of image input channels.
             num_classes: Number of classes for the classification head (0 for none).
-            global_pool: 'token' (the middle class token), 'avg' (mean of the patch tokens) or '' (no pooling).
+            global_pool: 'avg' (mean of the patch tokens), 'token' (the middle class token) or '' (no pooling).
+                'avg' is the default since 2026-12-05 (it learns better and holds up better on images larger than
+                the training size; README, CIFAR-10); weights trained with the class token before then need
+                global_pool='token'. Either way the class token stays in the middle of the sequence.
             embed_dim: Token width (d_model).
             depth: Number of blocks.
             d_state: Longhorn state size N.
