@@ -497,9 +497,10 @@ def create_model(args: argparse.Namespace, num_classes: int) -> tuple[torch.nn.M
         # models without an img_size argument (most CNNs) take any resolution as is
         arch_kwargs.pop("img_size")
         model = timm.create_model(args.model, num_classes=num_classes, **arch_kwargs, **train_kwargs, **load_kwargs)
-    if isinstance(getattr(model, "global_pool", None), str):
-        # recorded even when left at its default, so that the weights rebuild as trained if a default changes
-        arch_kwargs.setdefault("global_pool", model.global_pool)
+    for key in ("global_pool", "step_scale"):
+        # recorded even when left at their defaults, so that the weights rebuild as trained if a default changes
+        if isinstance(getattr(model, key, None), (str, float)):
+            arch_kwargs.setdefault(key, getattr(model, key))
     return model, arch_kwargs
 
 

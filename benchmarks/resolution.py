@@ -14,7 +14,8 @@ train.py checkpoints and exits); its best weights are then evaluated with the nu
 Evaluation builds each model as `train.py --eval-only --initial-checkpoint <run>/best --img-size <size>` does (the
 checkpoint filter resamples the position embedding, bicubic; the test images resized to the size by the recipe's
 eval transform) and measures top-1 on the whole test split. Ablations on Vision Longhorn (issue 19's diagnosis):
-  step 1/s, step 1/s^2   every step size beta times 1/s or 1/s^2 on a grid s times finer (`set_step_scale`)
+  step 1, step 1/s       every step size beta as trained, or times 1/s on a grid s times finer, in place of the
+                         model's step_scale (default 'auto': times 1/s^2, the ratio of the grids' token counts)
   pos nearest            the position embedding resampled by nearest neighbour instead of bicubic
 Writes resolution_<device>_<date>[_<tag>].{json,md} into benchmarks/results.
 """
@@ -171,10 +172,11 @@ def evaluate_all(specs, sizes, args):
             if args.no_ablations or not hasattr(model, "set_step_scale") or size == TRAIN_SIZE:
                 continue
             ablations = results[label]["ablations"].setdefault(size, {})
-            for tag, factor in (("step 1/s", 1 / scale), ("step 1/s^2", 1 / scale ** 2)):
+            built = model.step_scale
+            for tag, factor in (("step 1", 1.0), ("step 1/s", 1 / scale)):
                 model.set_step_scale(factor)
                 ablations[tag] = top1(model, images, labels)
-            model.set_step_scale(1.0)
+            model.set_step_scale(built)
             nearest_pos_embed(model, run, size)
             ablations["pos nearest"] = top1(model, images, labels)
             print(f"{label} at {size} px, ablations: " + ", ".join(f"{k} {v:.2f}" for k, v in ablations.items()),
@@ -218,14 +220,15 @@ def main():
     head = ["model", "epochs"] + [f"{s} px ({x:g}x)" for s, x in zip(sizes, args.scales)]
     rows = []
     for label, r in results.items():
-        base = r["top1"][sizes[0]]
+        base = r["top1"].get(TRAIN_SIZE)
         rows.append([label, str(r["epochs"])] + [
-            f"{r['top1'][s]:.2f}" + (f" ({r['top1'][s] - base:+.2f})" if s != sizes[0] else "") for s in sizes])
+            f"{r['top1'][s]:.2f}" + (f" ({r['top1'][s] - base:+.2f})" if base is not None and s != TRAIN_SIZE else "")
+            for s in sizes])
     lines = [*md_table(head, rows)]
     ablated = {label: r for label, r in results.items() if r["ablations"]}
     if ablated:
         tags = list(next(iter(next(iter(ablated.values()))["ablations"].values())))
-        head = ["model", "size", "as trained"] + tags
+        head = ["model", "size", "as built"] + tags
         rows = [[label, f"{s} px", f"{r['top1'][s]:.2f}"] + [f"{r['ablations'][s][t]:.2f}" for t in tags]
                 for label, r in ablated.items() for s in r["ablations"]]
         lines += ["", "Evaluation-time ablations (top-1, same weights):", "", *md_table(head, rows)]

@@ -249,7 +249,10 @@ def test_eval_only_and_finetune_new_head_and_resolution(digits_run, small_digits
     saved = load_file(str(best / "model.safetensors"))
     state = model.state_dict()
     assert arch_kwargs["img_size"] == 12 and state["head.weight"].shape[0] == 12
-    assert arch_kwargs["global_pool"] == model.global_pool  # recorded though the recipe leaves it at its default
+    # recorded though the recipe leaves them at their defaults
+    assert arch_kwargs["global_pool"] == model.global_pool and arch_kwargs["step_scale"] == "auto"
+    # the steps were learned on the checkpoint's grid, which the fine-tuned model keeps (below: loaded as is)
+    assert saved["step_grid"].tolist() == [4, 4] and model.step_grid_size == (4, 4)
     resampled = [k for k in saved if k in state and saved[k].shape != state[k].shape]
     assert resampled and all("pos_embed" in k or k.startswith("head.") for k in resampled), resampled
     assert all(torch.equal(saved[k], state[k]) for k in saved if k in state and k not in resampled)

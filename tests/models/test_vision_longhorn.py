@@ -218,7 +218,9 @@ def test_pretrained_file_loads_at_a_new_size_with_a_new_head(tmp_path, suffix):
     assert model(torch.randn(1, 3, 96, 96)).shape == (1, 7)
 
 
-def test_pretrained_url_and_patch_size_change(tmp_path):
+def test_pretrained_url_and_patch_size_change(tmp_path, monkeypatch):
+    # downloads land in torch.hub's cache, which would otherwise hand back any earlier file of the same name
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     source = _nano()
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
@@ -302,7 +304,8 @@ def test_scan_orders_scan_blocks_in_their_order_and_give_raster_features(order):
         tokens, taps = model._embed(x), []
         for i, block in enumerate(model.blocks):
             scan = "column" if (order == "alternate" and i % 2) else ("zorder" if order == "zorder" else "raster")
-            tokens = reorder_tokens(block(reorder_tokens(tokens, grid, "raster", scan)), grid, scan, "raster")
+            scanned = block(reorder_tokens(tokens, grid, "raster", scan), model.step_shift(grid))
+            tokens = reorder_tokens(scanned, grid, scan, "raster")
             taps.append(tokens)
         torch.testing.assert_close(model.forward_features(x), model.norm(tokens))
         final, inter = model.forward_intermediates(x, indices=[1, 3], output_fmt="NLC")
@@ -326,7 +329,7 @@ def test_scan_order_trains_with_grad_checkpointing():
 def test_step_scale_shifts_every_step_size():
     torch.manual_seed(0)
     model = _nano(step_scale=0.25).eval()
-    shifted = _nano().eval()
+    shifted = _nano(step_scale=1.0).eval()
     shifted.load_state_dict(model.state_dict())
     with torch.no_grad():
         for block in shifted.blocks:
@@ -335,12 +338,62 @@ def test_step_scale_shifts_every_step_size():
         x = torch.randn(1, 3, 64, 64)
         torch.testing.assert_close(model(x), shifted(x))
         tokens = torch.randn(1, 65, 64)
-        torch.testing.assert_close(model.blocks[0].mixer(tokens), shifted.blocks[0].mixer(tokens))
+        torch.testing.assert_close(model.blocks[0].mixer(tokens, model.step_shift((8, 8))),
+                                   shifted.blocks[0].mixer(tokens))
         model.set_step_scale(1.0)
-        assert not torch.allclose(model.blocks[0].mixer(tokens), shifted.blocks[0].mixer(tokens), rtol=0.05)
-    for bad in (0, -1.0):
-        with pytest.raises(ValueError, match="step_scale must be positive"):
+        assert model.step_shift((8, 8)) == 0.0
+        assert not torch.allclose(model.blocks[0].mixer(tokens, model.step_shift((8, 8))),
+                                  shifted.blocks[0].mixer(tokens), rtol=0.05)
+    for bad in (0, -1.0, "grid"):
+        with pytest.raises(ValueError, match="step_scale must be"):
             model.set_step_scale(bad)
+
+
+def _fixed_step(model, scale):
+    """A copy of `model` (its weights) with the step factor fixed to `scale`."""
+    fixed = _nano(step_scale=scale, dynamic_img_size=True).eval()
+    fixed.load_state_dict(model.state_dict())
+    return fixed
+
+
+def test_auto_step_scale_follows_the_token_grid():
+    """'auto' (the default) multiplies the steps by the training grid's token count over the input's: 1 at the
+    training size, 1/4 at twice the size, 16/15 on a 6 x 10 grid of an 8 x 8-trained model."""
+    torch.manual_seed(0)
+    model = _nano(dynamic_img_size=True).eval()
+    assert model.step_scale == "auto" and model.step_grid.tolist() == [8, 8]
+    with torch.no_grad():
+        for size, scale in (((64, 64), 1.0), ((128, 128), 0.25), ((48, 80), 64 / 60)):
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(model(x), _fixed_step(model, scale)(x), msg=str(size))
+            feats = model.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+            torch.testing.assert_close(
+                feats, _fixed_step(model, scale).forward_intermediates(x, indices=[2], intermediates_only=True)[0])
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_weights_keep_the_grid_their_steps_were_learned_on(tmp_path, old):
+    """Loaded into a model built for a larger image, weights keep their training grid (a buffer in the state dict;
+    weights saved before it existed: their position embedding's grid), so 'auto' scales the steps for the larger
+    image as dynamic_img_size would; set_input_size keeps it too."""
+    torch.manual_seed(0)
+    source = _nano(dynamic_img_size=True).eval()
+    state = source.state_dict()
+    if old:
+        del state["step_grid"]
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    model = timm.create_model("vlonghorn_nano", pretrained=True, img_size=128,
+                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert model.step_grid.tolist() == [8, 8] and model.step_grid_size == (8, 8)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=1e-4, atol=1e-5)  # pos embed resampled the same way
+        assert model.step_shift((16, 16)) == pytest.approx(math.log(0.25))
+    plain = _nano()
+    plain.load_state_dict(state)  # plain torch loading: the model's pos grid is the weights'
+    plain.set_input_size((128, 128))
+    assert plain.step_grid.tolist() == [8, 8] and plain.step_grid_size == (8, 8)
 
 
 def test_bad_scan_order_names_the_choices():

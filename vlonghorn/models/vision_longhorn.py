@@ -12,6 +12,7 @@ import itertools
 import math
 import pickle
 import traceback
+from functools import partial
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
@@ -33,7 +34,7 @@ from timm.layers import (
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models._manipulate import checkpoint
 
 from vlonghorn.ops import bidirectional_conv1d_silu, bidirectional_longhorn_scan, recompute_except_scan
 
@@ -111,18 +112,17 @@ class LonghornMixer(nn.Module):
         self.fwd = ScanDirection(d_inner, d_state, dt_rank, d_conv, **dd)
         self.rev = ScanDirection(d_inner, d_state, dt_rank, d_conv, **dd)
         self.out_proj = nn.Linear(d_inner, dim, bias=False, **dd)
-        # log of a factor on the step sizes beta, added to dt_bias (VisionLonghorn.set_step_scale); 0: as trained
-        self.dt_shift = 0.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dt_shift: Union[float, torch.Tensor] = 0.) -> torch.Tensor:
+        """dt_shift: log of a factor on every step size beta, added to dt_bias (VisionLonghorn's step_scale)."""
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x_fwd, x_rev = bidirectional_conv1d_silu(
             x, self.fwd.conv_weight, self.fwd.conv_bias, self.rev.conv_weight, self.rev.conv_bias)
         dt_fwd, k_fwd, q_fwd = self.fwd.project(x_fwd)
         dt_rev, k_rev, q_rev = self.rev.project(x_rev)
         bias_fwd, bias_rev = self.fwd.dt_proj.bias, self.rev.dt_proj.bias
-        if self.dt_shift:
-            bias_fwd, bias_rev = bias_fwd + self.dt_shift, bias_rev + self.dt_shift
+        if isinstance(dt_shift, torch.Tensor) or dt_shift:
+            bias_fwd, bias_rev = bias_fwd + dt_shift, bias_rev + dt_shift
         y = bidirectional_longhorn_scan(
             x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd, k_rev, q_rev, bias_fwd, bias_rev, self.fwd.D, self.rev.D, z)
         return self.out_proj(y)
@@ -155,15 +155,17 @@ class Block(nn.Module):
         self.recompute_mixer = recompute_mixer
         self.in_checkpoint = False  # set by VisionLonghorn.set_grad_checkpointing: the whole block is recomputed
 
-    def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mixer(self.norm(x))
+    def _branch(self, x: torch.Tensor, dt_shift: Union[float, torch.Tensor] = 0.) -> torch.Tensor:
+        return self.mixer(self.norm(x), dt_shift)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dt_shift: Union[float, torch.Tensor] = 0.) -> torch.Tensor:
+        """dt_shift: log of a factor on the mixer's step sizes (VisionLonghorn's step_scale); 0: as trained."""
         if self.recompute_mixer and not self.in_checkpoint:
             params = itertools.chain(self.norm.parameters(), self.mixer.parameters())   # read only if recomputing
-            y = recompute_except_scan(self._branch, x, params, d_state=self.mixer.d_state)
+            y = recompute_except_scan(partial(self._branch, dt_shift=dt_shift), x, params,
+                                      d_state=self.mixer.d_state)
         else:
-            y = self._branch(x)
+            y = self._branch(x, dt_shift)
         return x + self.drop_path(y)
 
 
@@ -248,7 +250,7 @@ class VisionLonghorn(nn.Module):
             dynamic_img_size: bool = False,
             recompute_mixer: bool = True,
             scan_order: str = 'raster',
-            step_scale: float = 1.0,
+            step_scale: Union[float, str] = 'auto',
             device=None,
             dtype=None,
     ):
@@ -277,7 +279,10 @@ class VisionLonghorn(nn.Module):
             scan_order: The order the blocks scan the patch tokens in: 'raster' (row by row, every block),
                 'alternate' (rows in even blocks, columns in odd ones) or 'zorder' (Morton order, every block).
                 Features and outputs are in raster order whatever the scan order.
-            step_scale: A factor on every step size beta (see `set_step_scale`); 1 runs the model as trained.
+            step_scale: A factor on every step size beta (see `set_step_scale`): 'auto' (the default since
+                2026-12-05) scales them by the training grid's token count over the input's, so the scans keep
+                their memory span on a larger or smaller image (at the training size the factor is 1); a number
+                fixes the factor, 1 being the behaviour before.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -319,6 +324,10 @@ class VisionLonghorn(nn.Module):
         self.scan_order = scan_order
         self.block_orders = [{'raster': 'raster', 'zorder': 'zorder'}.get(scan_order, 'column' if i % 2 else 'raster')
                              for i in range(depth)]
+        # the patch grid the step sizes were learned on: a persistent buffer, so that weights keep it when they
+        # are loaded into a model built for another image size (checkpoint_filter_fn resamples the rest)
+        self.register_buffer('step_grid', torch.tensor(self.patch_embed.grid_size, device=device), persistent=True)
+        self.step_grid_size = tuple(self.patch_embed.grid_size)  # the same, as ints for forward (no device sync)
         self.set_step_scale(step_scale)
         self.feature_info = [
             dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)
@@ -359,15 +368,37 @@ class VisionLonghorn(nn.Module):
         for block in self.blocks:
             block.in_checkpoint = enable
 
-    def set_step_scale(self, scale: float) -> None:
+    def set_step_scale(self, scale: Union[float, str]) -> None:
         """Multiply every step size beta by `scale` (through dt_bias: sigmoid(a + log s) is s * sigmoid(a) while
-        beta is small, as the learned ones mostly are). Below 1 the scans remember over more tokens: e.g. 1/s on a
-        grid s times finer than the training one."""
-        if not scale > 0:
+        beta is small, as the learned ones mostly are). Below 1 the scans remember over more tokens. 'auto': the
+        factor is the token count of the grid the steps were learned on (`step_grid`) over the input's, e.g. 1/4
+        on an image twice the training size; 1 at the training size."""
+        if isinstance(scale, str):
+            if scale != 'auto':
+                raise ValueError(f"step_scale must be 'auto' or a positive number, got {scale!r}")
+        elif not scale > 0:
             raise ValueError(f'step_scale must be positive, got {scale}')
-        self.step_scale = float(scale)
-        for block in self.blocks:
-            block.mixer.dt_shift = math.log(scale)
+        self.step_scale = scale if isinstance(scale, str) else float(scale)
+
+    def step_shift(self, grid: Tuple[int, int]) -> Union[float, torch.Tensor]:
+        """The log of the factor on the step sizes for an input of `grid` patches (see `set_step_scale`)."""
+        if self.step_scale != 'auto':
+            return math.log(self.step_scale)
+        trained = self.step_grid_size[0] * self.step_grid_size[1]
+        tokens = grid[0] * grid[1]
+        if isinstance(tokens, int):
+            return math.log(trained / tokens)
+        # symbolic sizes (torch.export / compile with dynamic shapes): a tensor, not a guard on the size
+        return torch.log(trained / torch.scalar_tensor(tokens, dtype=torch.float32, device=self.pos_embed.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + 'step_grid'
+        if key not in state_dict:
+            # weights saved before the grid was kept: their steps were learned on the grid of their position
+            # embedding, which matches this model's (or loading fails on pos_embed)
+            state_dict[key] = torch.tensor(self.patch_embed.grid_size)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.step_grid_size = tuple(int(v) for v in state_dict[key].tolist())
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -384,7 +415,8 @@ class VisionLonghorn(nn.Module):
         self.head.train(self.training)
 
     def set_input_size(self, img_size: Optional[Tuple[int, int]] = None) -> None:
-        """Change the native input size, resampling the position embedding to the new patch grid."""
+        """Change the native input size, resampling the position embedding to the new patch grid (the step sizes
+        keep the grid they were learned on, `step_grid`)."""
         prev_grid_size = self.patch_embed.grid_size
         self.patch_embed.set_input_size(img_size=img_size)
         if self.patch_embed.grid_size != prev_grid_size:
@@ -419,6 +451,12 @@ class VisionLonghorn(nn.Module):
         x = torch.cat([x[:, :middle], cls_token, x[:, middle:]], dim=1)
         return self.pos_drop(x)
 
+    def _input_grid(self, x: torch.Tensor) -> Tuple[int, int]:
+        """The patch grid of an image batch (the model's own unless dynamic_img_size)."""
+        if not self.dynamic_img_size:
+            return self.patch_embed.grid_size
+        return x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1]
+
     @staticmethod
     def _split_class_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, L + 1, D) with the class token in the middle -> patch tokens (B, L, D), class token (B, 1, D)."""
@@ -436,14 +474,15 @@ class VisionLonghorn(nn.Module):
         blocks in `take_indices`, all in raster order."""
         intermediates = []
         order = 'raster'
+        dt_shift = self.step_shift(grid)
         for i, block in enumerate(blocks):
             if self.block_orders[i] != order:
                 x = reorder_tokens(x, grid, order, self.block_orders[i])
                 order = self.block_orders[i]
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x)
+                x = checkpoint(block, x, dt_shift)
             else:
-                x = block(x)
+                x = block(x, dt_shift)
             if take_indices is not None and i in take_indices:
                 intermediates.append(x if order == 'raster' else reorder_tokens(x, grid, order, 'raster'))
         if order != 'raster':
@@ -474,8 +513,8 @@ class VisionLonghorn(nn.Module):
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch, _, height, width = x.shape
-        grid = (height // self.patch_embed.patch_size[0], width // self.patch_embed.patch_size[1])
+        batch = x.shape[0]
+        grid = self._input_grid(x)
 
         x = self._embed(x)
         blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
@@ -511,15 +550,8 @@ class VisionLonghorn(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> normalised tokens (B, L + 1, D), the class token in the middle."""
-        if self.scan_order == 'raster':
-            x = self._embed(x)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(self.blocks, x)
-            else:
-                x = self.blocks(x)
-        else:
-            grid = (x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1])
-            x = self._forward_blocks(self._embed(x), grid, self.blocks)[0]
+        grid = self._input_grid(x)
+        x = self._forward_blocks(self._embed(x), grid, self.blocks)[0]
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -551,16 +583,20 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionLongh
         k = k.replace('.mixer.bwd.', '.mixer.rev.')
         if k == 'patch_embed.proj.weight' and v.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
             v = resample_patch_embed(v, list(model.patch_embed.proj.weight.shape[-2:]), verbose=True)
-        elif k == 'pos_embed' and v.shape[1] != model.pos_embed.shape[1]:
-            # Assumes a square source grid, as every size registered here is.
-            old_grid = int(math.sqrt(v.shape[1] - model.num_prefix_tokens))
-            v = resample_abs_pos_embed(
-                v,
-                new_size=model.patch_embed.grid_size,
-                old_size=(old_grid, old_grid),
-                num_prefix_tokens=model.num_prefix_tokens,
-                verbose=True,
-            )
+        elif k == 'pos_embed':
+            grid = tuple(model.patch_embed.grid_size)
+            if v.shape[1] != model.pos_embed.shape[1]:
+                # Assumes a square source grid, as every size registered here is.
+                grid = (int(math.sqrt(v.shape[1] - model.num_prefix_tokens)),) * 2
+                v = resample_abs_pos_embed(
+                    v,
+                    new_size=model.patch_embed.grid_size,
+                    old_size=grid,
+                    num_prefix_tokens=model.num_prefix_tokens,
+                    verbose=True,
+                )
+            # weights from before the step grid was kept learned their steps on their position grid
+            out_dict.setdefault('step_grid', torch.tensor(grid))
         out_dict[k] = v
     return out_dict
 
