@@ -83,7 +83,10 @@ def _branch_dtype(x):
     """The dtype the branch's first linear layer reads: autocast's where it is on for x's device, else None (the
     norm's own dtype)."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    # (cpu and cuda have autocast: dynamo cannot trace the availability check; meta tensors have none)
+    if (dev in ("cpu", "cuda") or torch.amp.is_autocast_available(dev)) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
 
 
 def _normed(fn, weight, eps, out_dtype, r):
