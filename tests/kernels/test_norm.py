@@ -137,3 +137,13 @@ def test_add_rms_norm_compiles_in_one_graph(config):
     gs = (torch.ones_like(outs[0]), torch.ones_like(outs[1]))
     for a, b in zip(torch.autograd.grad(outs, leaves, gs), torch.autograd.grad(outs_eager, leaves, gs)):
         torch.testing.assert_close(a, b)
+
+
+def test_expanded_output_gradients(config):
+    """Output gradients with zero strides (what .sum() hands back) read as the dense ones."""
+    x, delta, w, leaves = _inputs((2, 9, 100), F32, BF16, False)
+    r, y = add_rms_norm_triton(x, delta, w, EPS, BF16)
+    got = torch.autograd.grad(y.float().sum() + r.sum(), leaves, retain_graph=True)
+    dense = torch.autograd.grad((r, y), leaves, (torch.ones_like(r), torch.ones_like(y)))
+    for a, b in zip(got, dense):
+        assert torch.equal(a, b)
