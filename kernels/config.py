@@ -47,6 +47,12 @@ class KernelConfig:
     conv_bd: int = 128
     conv_warps: int = 1
     conv_chunk: int = 64
+    # fused residual add + RMSNorm: elements per program (norm_elems / the row width rounded up to a power of two
+    # rows, at least one) and warps; the backward runs norm_backward_per_sm programs per SM, each summing the
+    # weight-gradient partial of its range of rows
+    norm_elems: int = 4096
+    norm_warps: int = 4
+    norm_backward_per_sm: int = 4
     # chunked (two-level) forward for too few programs to fill the GPU. chunk_len: tokens per chunk (0: chosen
     # per call: chunk only if batch x channel blocks x chunk_split <= SMs x the forward's resident programs per SM,
     # into about chunk_waves x that many programs of at least chunk_min tokens). chunk_bd / chunk_warps: the
@@ -153,6 +159,9 @@ class KernelConfig:
         need(_pow2(self.conv_bd) and _pow2(self.conv_warps) and self.conv_bd >= 32 * self.conv_warps,
              "conv_bd and conv_warps must be powers of two with conv_bd >= 32 x conv_warps")
         need(self.conv_chunk >= 1, "conv_chunk must be positive")
+        need(_pow2(self.norm_elems) and self.norm_elems <= 65536, "norm_elems must be a power of two <= 65536")
+        need(_pow2(self.norm_warps) and self.norm_warps <= 16, "norm_warps must be 1, 2, 4, 8 or 16")
+        need(self.norm_backward_per_sm >= 1, "norm_backward_per_sm must be >= 1")
         need(self.chunk_len >= 0 and self.segment_windows >= 0, "chunk_len and segment_windows must be >= 0")
         need(min(self.chunk_split, self.chunk_waves, self.chunk_min, self.segment_waves, self.segment_min) >= 1,
              "chunk_split, chunk_waves, chunk_min, segment_waves and segment_min must be >= 1")

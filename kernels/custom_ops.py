@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import launch
 from .recompute import current_region
 
-__all__ = ["scan_forward", "scan_backward", "conv_forward", "conv_backward", "longhorn_scan",
-           "bidirectional_longhorn_scan", "bidirectional_conv1d_silu", "SCAN_OP"]
+__all__ = ["scan_forward", "scan_backward", "conv_forward", "conv_backward", "norm_forward", "norm_backward",
+           "longhorn_scan", "bidirectional_longhorn_scan", "bidirectional_conv1d_silu", "add_rms_norm", "SCAN_OP"]
 
 
 def _empty(like):
@@ -265,3 +265,79 @@ def bidirectional_conv1d_silu(x, weight_fwd, bias_fwd, weight_rev, bias_rev):
     if _traced(x):
         return conv_forward(*args)
     return _ConvFn.apply(*args) if _needs_grad(*args) else launch.conv_forward(*args)
+
+
+# ----------------------------------------------------------------------------------------------------- norm
+@torch.library.custom_op("vlonghorn::add_rms_norm_forward", mutates_args=())
+def norm_forward(x: Tensor, delta: Optional[Tensor], weight: Tensor, eps: float,
+                 out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (r, y, rstd); r is empty when delta is None (r is x)."""
+    return launch.norm_forward(x, delta, weight, eps, out_dtype)
+
+
+@norm_forward.register_fake
+def _(x, delta, weight, eps, out_dtype):
+    r = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype)) if delta is not None else _empty(x)
+    return r, x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("vlonghorn::add_rms_norm_backward", mutates_args=())
+def norm_backward(dy: Tensor, dres: Optional[Tensor], r: Tensor, rstd: Tensor, weight: Tensor, x_dtype: torch.dtype,
+                  delta_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, ddelta, dweight); ddelta is empty when delta_dtype is None."""
+    return launch.norm_backward(dy, dres, r, rstd, weight, x_dtype, delta_dtype)
+
+
+@norm_backward.register_fake
+def _(dy, dres, r, rstd, weight, x_dtype, delta_dtype):
+    ddelta = r.new_empty(r.shape, dtype=delta_dtype) if delta_dtype is not None else _empty(r)
+    return r.new_empty(r.shape, dtype=x_dtype), ddelta, weight.new_empty(weight.shape)
+
+
+def _norm_setup(ctx, inputs, output):
+    x, delta, weight, eps, out_dtype = inputs
+    r, _, rstd = output
+    ctx.save_for_backward(r if delta is not None else x, rstd, weight)
+    ctx.dtypes = (x.dtype, delta.dtype if delta is not None else None)
+
+
+def _norm_backward(ctx, g_r, g_y, g_rstd=None):
+    r, rstd, weight = ctx.saved_tensors
+    x_dtype, delta_dtype = ctx.dtypes
+    if g_y is None:
+        g_y = torch.zeros_like(r)
+    dres = g_r if delta_dtype is not None else None     # without a delta, r is x itself: its gradient is x's
+    dx, ddelta, dweight = (norm_backward if _traced(g_y) else launch.norm_backward)(
+        g_y, dres, r, rstd, weight, x_dtype, delta_dtype)
+    return dx, ddelta if delta_dtype is not None else None, dweight, None, None
+
+
+norm_forward.register_autograd(_norm_backward, setup_context=_norm_setup)
+
+
+class _NormFn(torch.autograd.Function):
+    """add_rms_norm_forward with autograd in eager mode (the launchers called directly): (r, y), r empty without
+    a delta."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        outputs = launch.norm_forward(*inputs)
+        _norm_setup(ctx, inputs, outputs)
+        return outputs[:2]
+
+    @staticmethod
+    def backward(ctx, g_r, g_y):
+        return _norm_backward(ctx, g_r, g_y)
+
+
+def add_rms_norm(x, delta, weight, eps, out_dtype):
+    """(r, y): r = x + delta (x itself when delta is None), y = r * rsqrt(mean(r^2) + eps) * weight in out_dtype,
+    in one pass; differentiable in x, delta and weight."""
+    args = (x, delta, weight, float(eps), out_dtype)
+    if _traced(x):
+        r, y, _ = norm_forward(*args)
+    elif _needs_grad(x, delta, weight):
+        r, y = _NormFn.apply(*args)
+    else:
+        r, y, _ = launch.norm_forward(*args)
+    return (x if delta is None else r), y

@@ -6,6 +6,8 @@
                   checkpoints, records, reverse, k_dtype, q_dtype, n_state) -> 13 gradients
     conv_forward(x, w_fwd, bias_fwd, w_rev, bias_rev) -> (x_fwd, x_rev)
     conv_backward(dy_fwd, dy_rev, x, w_fwd, bias_fwd, w_rev, bias_rev) -> (dx, dw_fwd, dbias_fwd, dw_rev, dbias_rev)
+    norm_forward(x, delta, weight, eps, out_dtype) -> (r, y, rstd)
+    norm_backward(dy, dres, r, rstd, weight, x_dtype, delta_dtype) -> (dx, ddelta, dweight)
 
 A single-direction scan passes None for every `_rev` argument and runs in the `fwd` slot, walked from the last
 token when `reverse`. The buffers a forward returns have the shapes `forward_buffer_shapes` gives, which is also
@@ -20,25 +22,33 @@ import triton
 
 from .config import CONFIG
 from .conv import _conv_backward_kernel, _conv_forward_kernel, _conv_wsum_kernel
+from .norm import _norm_backward_kernel, _norm_forward_kernel
 from .scan_backward import _grad_sums_kernel, _recon_stats_kernel, _scan_backward_kernel
 from .scan_chunk import _adjoint_chunk_kernel, _scan_chunk_kernel, _scan_combine_kernel
 from .scan_common import PAD, REC, _prep_kernel
 from .scan_forward import _scan_forward_kernel
 
-__all__ = ["scan_forward", "scan_backward", "conv_forward", "conv_backward", "forward_buffer_shapes", "forward_layout",
-           "supports_scan", "CONV_WIDTH", "recon_share", "RECON_FLAGS", "chunk_len", "segment_windows"]
+__all__ = ["scan_forward", "scan_backward", "conv_forward", "conv_backward", "norm_forward", "norm_backward",
+           "forward_buffer_shapes", "forward_layout", "supports_scan", "supports_norm", "CONV_WIDTH", "NORM_MAX_WIDTH",
+           "recon_share", "RECON_FLAGS", "chunk_len", "segment_windows"]
 
 # Under TRITON_INTERPRET=1 (CPU tests) the kernels take their plain-Triton paths; on the GPU they use
 # single-instruction reciprocals and warp-shuffle reductions written in inline PTX.
 _FAST = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 CONV_WIDTH = 4      # the conv kernels' taps
+NORM_MAX_WIDTH = 16384  # the widest row the norm kernels take (one program holds whole rows in registers)
 
 
 def supports_scan(n_state, dtype):
     """Whether the scan kernels take a state of `n_state` and inputs of `dtype`: the packed per-token record holds
     3 N + 1 words of REC, N a power of two; fp64 stays on the PyTorch path (accumulated in fp64 there)."""
     return (n_state & (n_state - 1)) == 0 and 3 * n_state + 1 <= REC and dtype != torch.float64
+
+
+def supports_norm(width, dtype):
+    """Whether the norm kernels take rows of `width` in `dtype` (fp64 stays on the PyTorch path)."""
+    return 1 <= width <= NORM_MAX_WIDTH and dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _unit_channel_stride(t):
@@ -437,3 +447,71 @@ def conv_backward(dy_fwd, dy_rev, x, w_fwd, bias_fwd, w_rev, bias_rev):
         dbias_rev_ptr=dbias_rev if has_br else dw_rev, NPAR=B * nch, E=E, BC=bc, RB=64, HAS_BIAS_FWD=has_bf,
         HAS_BIAS_REV=has_br, num_warps=4)
     return dx, dw_fwd, dbias_fwd, dw_rev, dbias_rev
+
+
+# ----------------------------------------------------------------------------------------------------- norm
+def _rows(t):
+    """t (..., D) as (B, L, D) rows with a unit stride along D: a view where the leading dims allow it."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if t.dim() == 3:
+        return t
+    return t.reshape(1, -1, t.shape[-1]) if t.dim() != 2 else t[None]
+
+
+def _norm_rows_per_program(D):
+    return max(1, CONFIG.norm_elems // triton.next_power_of_2(D))
+
+
+def norm_forward(x, delta, weight, eps, out_dtype):
+    """r = x + delta (empty when delta is None: r is x), y = r * rsqrt(mean(r^2) + eps) * weight in out_dtype,
+    and rstd (x.shape[:-1], fp32) for the backward. r is in the dtype x + delta has in PyTorch."""
+    D = x.shape[-1]
+    xr = _rows(x)
+    B, L, _ = xr.shape
+    M = B * L
+    dev = x.device
+    dr = _rows(delta) if delta is not None else xr
+    r = (torch.empty(x.shape, device=dev, dtype=torch.promote_types(x.dtype, delta.dtype)) if delta is not None
+         else _empty(x))
+    y = torch.empty(x.shape, device=dev, dtype=out_dtype)
+    rstd = torch.empty(x.shape[:-1], device=dev, dtype=torch.float32)
+    if M == 0:
+        return r, y, rstd
+    rows = _norm_rows_per_program(D)
+    _norm_forward_kernel[(triton.cdiv(M, rows),)](
+        x_ptr=xr, delta_ptr=dr, w_ptr=_param(weight), r_ptr=r if delta is not None else y, y_ptr=y, rstd_ptr=rstd,
+        sx_b=xr.stride(0), sx_t=xr.stride(1), sd_b=dr.stride(0), sd_t=dr.stride(1), M=M, L=L, D=D, eps=float(eps),
+        ROWS=rows, BLOCK_D=triton.next_power_of_2(D), HAS_DELTA=delta is not None, num_warps=CONFIG.norm_warps)
+    return r, y, rstd
+
+
+def norm_backward(dy, dres, r, rstd, weight, x_dtype, delta_dtype):
+    """Gradients of norm_forward: (dx, ddelta, dweight); dx = ddelta = dr (in x_dtype / delta_dtype, ddelta empty
+    when delta_dtype is None), dres (r's gradient from its other uses, or None) added in. r: the norm's input (x
+    when there was no delta)."""
+    D = r.shape[-1]
+    rr, dyr = _rows(r), _rows(dy)
+    B, L, _ = rr.shape
+    M = B * L
+    dev = r.device
+    resr = _rows(dres) if dres is not None else rr
+    dx = torch.empty(r.shape, device=dev, dtype=x_dtype)
+    ddelta = torch.empty(r.shape, device=dev, dtype=delta_dtype) if delta_dtype is not None else _empty(r)
+    if M == 0:
+        return dx, ddelta, torch.zeros_like(weight)
+    rows = _norm_rows_per_program(D)
+    blocks = triton.cdiv(M, rows)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    progs = max(1, min(blocks, sms * CONFIG.norm_backward_per_sm))
+    per_prog = triton.cdiv(blocks, progs) * rows
+    progs = triton.cdiv(M, per_prog)
+    dw = torch.empty(progs, D, device=dev, dtype=torch.float32)
+    _norm_backward_kernel[(progs,)](
+        dy_ptr=dyr, dres_ptr=resr, r_ptr=rr, rstd_ptr=rstd.contiguous(), w_ptr=_param(weight), dx_ptr=dx,
+        ddelta_ptr=ddelta if delta_dtype is not None else dx, dw_ptr=dw, sdy_b=dyr.stride(0), sdy_t=dyr.stride(1),
+        sres_b=resr.stride(0), sres_t=resr.stride(1), sr_b=rr.stride(0), sr_t=rr.stride(1), M=M, L=L, D=D,
+        ROWS_PER_PROG=per_prog, ROWS=rows, BLOCK_D=triton.next_power_of_2(D), HAS_DRES=dres is not None,
+        HAS_DDELTA=delta_dtype is not None, num_warps=CONFIG.norm_warps)
+    # the partials' sum: (programs, D) with programs a few per SM, one small reduction
+    return dx, ddelta, dw.sum(0).to(weight.dtype)

@@ -34,10 +34,12 @@ if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
                        "(tests/conftest.py sets it; was it overridden?)")
 
 # Small launch parameters for the interpreter, so that short sequences still cross several checkpoint
-# windows (ck) and backward tiles (bwd_tt) and the channel count is not a multiple of the block.
+# windows (ck) and backward tiles (bwd_tt), the channel count is not a multiple of the block, and each norm
+# backward program walks several blocks of rows.
 SMALL_CFG = {"forward_bd": 32, "forward_warps": 1, "backward_bd": 32, "backward_warps": 1, "backward_tile": 4,
              "checkpoint_every": 16,
-             "conv_bd": 32, "conv_warps": 1, "conv_chunk": 8}
+             "conv_bd": 32, "conv_warps": 1, "conv_chunk": 8,
+             "norm_elems": 256, "norm_warps": 1, "norm_backward_per_sm": 2}
 
 
 def _rel(a, b):

@@ -399,3 +399,98 @@ def test_weights_keep_the_grid_their_steps_were_learned_on(tmp_path, old):
 def test_bad_scan_order_names_the_choices():
     with pytest.raises(ValueError, match="scan_order must be one of .*'raster', 'alternate', 'zorder'.*'columns'"):
         _nano(scan_order="columns")
+
+
+# --------------------------------------------------------------------------------- the fused add + norm of the blocks
+def _unfused_forward(model, x, taps=()):
+    """What the blocks computed before the add moved into the next norm: per block h = h + drop_path(mixer(norm(h)))
+    with timm's RmsNorm, then the final norm of the stream. Returns (normalised tokens, stream values at `taps`,
+    raster order, class token included)."""
+    from vlonghorn.models.vision_longhorn import reorder_tokens
+    grid = model._input_grid(x)
+    h = model._embed(x)
+    dt_shift = model.step_shift(grid)
+    order, inter = "raster", []
+    for i, block in enumerate(model.blocks):
+        if model.block_orders[i] != order:
+            h = reorder_tokens(h, grid, order, model.block_orders[i])
+            order = model.block_orders[i]
+        h = h + block.drop_path(block.mixer(block.norm(h), dt_shift))
+        if i in taps:
+            inter.append(reorder_tokens(h, grid, order, "raster"))
+    return model.norm(reorder_tokens(h, grid, order, "raster")), inter
+
+
+def _fused_and_unfused(model, x, seed=5):
+    """(final tokens, taps of blocks 0 and 2, every parameter's gradient) of the model and of _unfused_forward,
+    each run from the same random state (drop_path draws the same masks)."""
+    results = []
+    for run in ("fused", "unfused"):
+        torch.manual_seed(seed)
+        if run == "fused":
+            final, inter = model.forward_intermediates(x, indices=[0, 2], output_fmt="NLC")
+            inter = [torch.cat([t[:, :32], torch.zeros_like(t[:, :1]), t[:, 32:]], 1) for t in inter]
+        else:
+            final, inter = _unfused_forward(model, x, taps=(0, 2))
+            inter = [torch.cat([t[:, :32], torch.zeros_like(t[:, :1]), t[:, 33:]], 1) for t in inter]
+        # random projections: the squared norm of a normalised row is nearly constant, its gradient only rounding
+        weights = torch.randn((3,) + final.shape, generator=torch.Generator().manual_seed(7))
+        loss = sum((t * g).sum() for t, g in zip([final] + inter, weights))
+        results.append([final] + inter + list(torch.autograd.grad(loss, list(model.parameters()))))
+    return results
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("order", ["raster", "alternate"])
+def test_fused_blocks_match_the_unfused_block_computation(order, train, checkpointing):
+    """The blocks pass the stream on with the update still to add, which the next block's norm (or the final one)
+    adds: outputs, intermediates (stream values) and every parameter's gradient are the unfused blocks', with
+    drop_path (same masks from the same seed), in every scan order, with and without grad checkpointing."""
+    torch.manual_seed(0)
+    model = _nano(num_classes=0, scan_order=order, drop_path_rate=0.5 if train else 0.).train(train)
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(4, 3, 64, 64)
+    names = ["final", "tap 0", "tap 2"] + [n for n, _ in model.named_parameters()]
+    for name, got, want in zip(names, *_fused_and_unfused(model, x)):
+        # fp32 rounding only: the taps' gradient terms reach the stream in another order
+        err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+        assert err < 1e-6, (name, err)
+    if train:   # drop_path dropped something: the result depends on the seed
+        torch.manual_seed(6)
+        assert not torch.allclose(model.forward_features(x), _fused_and_unfused(model, x)[0][0])
+
+
+def test_a_block_called_alone_is_the_residual_block():
+    """Block(x) = x + drop_path(mixer(norm(x))), as before the add moved: for anyone calling a block directly."""
+    torch.manual_seed(0)
+    block = _nano().blocks[1]
+    x = torch.randn(2, 65, 64)
+    torch.testing.assert_close(block(x), x + block.mixer(block.norm(x)), rtol=1e-6, atol=1e-6)
+    r, delta = block.forward_residual(x, torch.ones_like(x))
+    torch.testing.assert_close(r, x + 1)
+    torch.testing.assert_close(delta, block.mixer(block.norm(x + 1)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_blocks_match_the_unfused_blocks_on_the_triton_path(monkeypatch, recompute):
+    """The same on the Triton kernels (the interpreter standing in for CUDA): the fused norm kernels, with the
+    recompute region (the norm's backward taking the stream's gradient) or without, against the unfused blocks
+    over the same scan kernels."""
+    from vlonghorn.ops import longhorn
+    pytest.importorskip("triton")
+    monkeypatch.setattr(longhorn, "_AUTO", "triton")
+    torch.manual_seed(0)
+    model = _nano(num_classes=0, img_size=16, depth=3, drop_path_rate=0.5, recompute_mixer=recompute).train()
+    x = torch.randn(2, 3, 16, 16)
+    results = []
+    for run in ("fused", "unfused"):
+        torch.manual_seed(5)
+        final = model.forward_features(x) if run == "fused" else _unfused_forward(model, x)[0]
+        loss = (final * torch.randn(final.shape, generator=torch.Generator().manual_seed(7))).sum()
+        results.append([final] + list(torch.autograd.grad(loss, list(model.parameters()))))
+    names = ["final"] + [n for n, _ in model.named_parameters()]
+    for name, got, want in zip(names, *results):
+        err = ((got - want).norm() / want.norm()).item()
+        assert torch.isfinite(got).all() and err < 1e-5, (name, err)

@@ -36,7 +36,8 @@ from timm.models import register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from vlonghorn.ops import bidirectional_conv1d_silu, bidirectional_longhorn_scan, recompute_except_scan
+from vlonghorn.ops import (add_rms_norm, bidirectional_conv1d_silu, bidirectional_longhorn_scan, recompute_except_scan,
+                           residual_branch)
 
 from .feature_pyramid import SimpleFeaturePyramid
 
@@ -132,9 +133,13 @@ class Block(nn.Module):
     """Pre-norm residual block: x + drop_path(mixer(norm(x))). The residual stream keeps the parameters' dtype
     (fp32 under autocast), since the mixer's bf16 output is added to it in higher precision.
 
+    In a model the blocks pass the stream on with the last branch output still to add (`forward_residual`): the
+    next block adds it and normalises the sum in one pass (`vlonghorn.ops.add_rms_norm`, the norm written once in
+    the dtype in_proj reads), so the stream is read and written once per block.
+
     With `recompute_mixer` (and autograd recording, on the Triton path) the branch mixer(norm(x)) keeps for the
-    backward only what the scan's forward produced and runs the rest again there (norm, in/x/dt projections,
-    conv): their 1536- and 768-wide activations are not held between forward and backward."""
+    backward only the stream and what the scan's forward produced and runs the rest again there (norm, in/x/dt
+    projections, conv): their 1536- and 768-wide activations are not held between forward and backward."""
 
     def __init__(
             self,
@@ -158,15 +163,37 @@ class Block(nn.Module):
     def _branch(self, x: torch.Tensor, dt_shift: Union[float, torch.Tensor] = 0.) -> torch.Tensor:
         return self.mixer(self.norm(x), dt_shift)
 
+    def forward_residual(
+            self,
+            x: torch.Tensor,
+            delta: Optional[torch.Tensor] = None,
+            dt_shift: Union[float, torch.Tensor] = 0.,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The block on a stream with a pending update: r = x + delta (delta: the previous block's drop-pathed
+        branch output, or None) and this block's own update. Returns (r, drop_path(mixer(norm(r))))."""
+        recompute = self.recompute_mixer and not self.in_checkpoint
+        if _fused_rms_norm(self.norm):
+            r, y = residual_branch(partial(self.mixer, dt_shift=dt_shift), x, delta, self.norm.weight, self.norm.eps,
+                                   self.mixer.parameters(), recompute=recompute, d_state=self.mixer.d_state)
+        else:
+            r = x if delta is None else x + delta
+            if recompute:
+                params = itertools.chain(self.norm.parameters(), self.mixer.parameters())  # read only if recomputing
+                y = recompute_except_scan(partial(self._branch, dt_shift=dt_shift), r, params,
+                                          d_state=self.mixer.d_state)
+            else:
+                y = self._branch(r, dt_shift)
+        return r, self.drop_path(y)
+
     def forward(self, x: torch.Tensor, dt_shift: Union[float, torch.Tensor] = 0.) -> torch.Tensor:
         """dt_shift: log of a factor on the mixer's step sizes (VisionLonghorn's step_scale); 0: as trained."""
-        if self.recompute_mixer and not self.in_checkpoint:
-            params = itertools.chain(self.norm.parameters(), self.mixer.parameters())   # read only if recomputing
-            y = recompute_except_scan(partial(self._branch, dt_shift=dt_shift), x, params,
-                                      d_state=self.mixer.d_state)
-        else:
-            y = self._branch(x, dt_shift)
-        return x + self.drop_path(y)
+        r, delta = self.forward_residual(x, None, dt_shift)
+        return r + delta
+
+
+def _fused_rms_norm(norm: nn.Module) -> bool:
+    """Whether `norm` is computed by the fused add + RMSNorm op (timm's RmsNorm with a weight over one dim)."""
+    return isinstance(norm, RmsNorm) and norm.weight is not None and len(norm.normalized_shape) == 1
 
 
 @register_notrace_function  # FX wraps only public names: no leading underscore
@@ -188,6 +215,12 @@ def check_image_batch(
     if img_size is not None and (height, width) != tuple(img_size):
         raise ValueError(f'image size {height}x{width} does not match the model\'s {img_size[0]}x{img_size[1]}; '
                          f'create the model with img_size=({height}, {width}) or dynamic_img_size=True')
+
+
+@register_notrace_function  # FX wraps only public names: no leading underscore
+def rms_norm_of_sum(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x + delta) * weight in one pass, in the dtype the unfused norm gives (fp32 for an fp32 stream)."""
+    return add_rms_norm(x, delta, weight, eps)[1]
 
 
 SCAN_ORDERS = ('raster', 'alternate', 'zorder')
@@ -469,25 +502,41 @@ class VisionLonghorn(nn.Module):
             grid: Tuple[int, int],
             blocks: nn.Sequential,
             take_indices: Optional[List[int]] = None,
-    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Run `blocks` on raster-order tokens, each in its scan order; returns the tokens and the outputs of the
-        blocks in `take_indices`, all in raster order."""
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[torch.Tensor]]:
+        """Run `blocks` on raster-order tokens, each in its scan order. Returns the stream and the last block's
+        update still to add to it (None without blocks), and the outputs of the blocks in `take_indices` (stream
+        values), all in raster order."""
         intermediates = []
         order = 'raster'
         dt_shift = self.step_shift(grid)
+        delta = None
         for i, block in enumerate(blocks):
             if self.block_orders[i] != order:
                 x = reorder_tokens(x, grid, order, self.block_orders[i])
+                if delta is not None:
+                    delta = reorder_tokens(delta, grid, order, self.block_orders[i])
                 order = self.block_orders[i]
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, dt_shift)
+                # the add outside: each checkpoint then keeps one stream tensor, not the stream and an update
+                if delta is not None:
+                    x = x + delta
+                x, delta = checkpoint(block.forward_residual, x, None, dt_shift)
             else:
-                x = block(x, dt_shift)
+                x, delta = block.forward_residual(x, delta, dt_shift)
             if take_indices is not None and i in take_indices:
-                intermediates.append(x if order == 'raster' else reorder_tokens(x, grid, order, 'raster'))
+                y = x + delta
+                intermediates.append(y if order == 'raster' else reorder_tokens(y, grid, order, 'raster'))
         if order != 'raster':
             x = reorder_tokens(x, grid, order, 'raster')
-        return x, intermediates
+            if delta is not None:
+                delta = reorder_tokens(delta, grid, order, 'raster')
+        return x, delta, intermediates
+
+    def _final_norm(self, x: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor:
+        """The final norm of the stream x + delta (the add fused into it)."""
+        if _fused_rms_norm(self.norm):
+            return rms_norm_of_sum(x, delta, self.norm.weight, self.norm.eps)
+        return self.norm(x if delta is None else x + delta)
 
     def forward_intermediates(
             self,
@@ -518,7 +567,7 @@ class VisionLonghorn(nn.Module):
 
         x = self._embed(x)
         blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
-        x, intermediates = self._forward_blocks(x, grid, blocks, take_indices)
+        x, delta, intermediates = self._forward_blocks(x, grid, blocks, take_indices)
         if norm:
             intermediates = [self.norm(y) for y in intermediates]
 
@@ -530,7 +579,7 @@ class VisionLonghorn(nn.Module):
             spatial = list(zip(spatial, [p[1] for p in pairs]))
         if intermediates_only:
             return spatial
-        return self.norm(x), spatial
+        return self._final_norm(x, delta), spatial
 
     def prune_intermediate_layers(
             self,
@@ -551,8 +600,8 @@ class VisionLonghorn(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> normalised tokens (B, L + 1, D), the class token in the middle."""
         grid = self._input_grid(x)
-        x = self._forward_blocks(self._embed(x), grid, self.blocks)[0]
-        return self.norm(x)
+        x, delta, _ = self._forward_blocks(self._embed(x), grid, self.blocks)
+        return self._final_norm(x, delta)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':
