@@ -440,15 +440,16 @@ def _fused_and_unfused(model, x, seed=5):
     return results
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("order", ["raster", "alternate"])
-def test_fused_blocks_match_the_unfused_block_computation(order, train, checkpointing):
+def test_fused_blocks_match_the_unfused_block_computation(order, train, checkpointing, fused):
     """The blocks pass the stream on with the update still to add, which the next block's norm (or the final one)
     adds: outputs, intermediates (stream values) and every parameter's gradient are the unfused blocks', with
     drop_path (same masks from the same seed), in every scan order, with and without grad checkpointing."""
     torch.manual_seed(0)
-    model = _nano(num_classes=0, scan_order=order, drop_path_rate=0.5 if train else 0.).train(train)
+    model = _nano(num_classes=0, scan_order=order, drop_path_rate=0.5 if train else 0., fused_norm=fused).train(train)
     model.set_grad_checkpointing(checkpointing)
     x = torch.randn(4, 3, 64, 64)
     names = ["final", "tap 0", "tap 2"] + [n for n, _ in model.named_parameters()]
@@ -464,7 +465,7 @@ def test_fused_blocks_match_the_unfused_block_computation(order, train, checkpoi
 def test_a_block_called_alone_is_the_residual_block():
     """Block(x) = x + drop_path(mixer(norm(x))), as before the add moved: for anyone calling a block directly."""
     torch.manual_seed(0)
-    block = _nano().blocks[1]
+    block = _nano(fused_norm=True).blocks[1]
     x = torch.randn(2, 65, 64)
     torch.testing.assert_close(block(x), x + block.mixer(block.norm(x)), rtol=1e-6, atol=1e-6)
     r, delta = block.forward_residual(x, torch.ones_like(x))
@@ -482,7 +483,8 @@ def test_fused_blocks_match_the_unfused_blocks_on_the_triton_path(monkeypatch, r
     pytest.importorskip("triton")
     monkeypatch.setattr(longhorn, "_AUTO", "triton")
     torch.manual_seed(0)
-    model = _nano(num_classes=0, img_size=16, depth=3, drop_path_rate=0.5, recompute_mixer=recompute).train()
+    model = _nano(num_classes=0, img_size=16, depth=3, drop_path_rate=0.5, recompute_mixer=recompute,
+                  fused_norm=True).train()
     x = torch.randn(2, 3, 16, 16)
     results = []
     for run in ("fused", "unfused"):

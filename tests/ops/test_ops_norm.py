@@ -4,16 +4,16 @@ import pytest
 import torch
 from timm.layers import RmsNorm
 
-from kernel_checks import _rel
+from kernel_checks import DEV, _rel
 from vlonghorn import ops
 from vlonghorn.ops import longhorn
 
 
-def _inputs(shape=(2, 9, 40), seed=0, delta_dtype=torch.bfloat16):
+def _inputs(shape=(2, 9, 40), seed=0, delta_dtype=torch.bfloat16, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).requires_grad_()
-    delta = torch.randn(shape, generator=g).to(delta_dtype).requires_grad_()
-    w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).requires_grad_()
+    x = torch.randn(shape, generator=g).to(device).requires_grad_()
+    delta = torch.randn(shape, generator=g).to(device, delta_dtype).requires_grad_()
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(device).requires_grad_()
     return x, delta, w
 
 
@@ -47,7 +47,7 @@ def test_out_dtype_and_rms_norm():
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_triton_backend_matches_torch_backend(config, out_dtype):
     """backend='triton' (the interpreter on CPU) against the PyTorch path: outputs and gradients."""
-    x, delta, w = _inputs((3, 7, 100))
+    x, delta, w = _inputs((3, 7, 100), device=DEV)     # the Triton path: CUDA, or the interpreter on a CPU
     results = []
     for backend in ("triton", "torch"):
         r, y = ops.add_rms_norm(x, delta, w, out_dtype=out_dtype, backend=backend)
@@ -114,8 +114,8 @@ def test_residual_branch_recompute_matches_the_plain_path(config, monkeypatch, w
     original = launch.scan_forward
     monkeypatch.setattr(launch, "scan_forward", lambda *a: scans.append(1) or original(*a))
     torch.manual_seed(4)
-    fn = LonghornMixer(32, d_state=16) if branch == "mixer" else _Linear(32)
-    x, delta, w = _inputs((2, 9, 32), seed=4)
+    fn = (LonghornMixer(32, d_state=16) if branch == "mixer" else _Linear(32)).to(DEV)
+    x, delta, w = _inputs((2, 9, 32), seed=4, device=DEV)
     delta = delta if with_delta else None
     leaves = [t for t in (x, delta, w) if t is not None] + list(fn.parameters())
     results = []

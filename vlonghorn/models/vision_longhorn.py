@@ -133,9 +133,9 @@ class Block(nn.Module):
     """Pre-norm residual block: x + drop_path(mixer(norm(x))). The residual stream keeps the parameters' dtype
     (fp32 under autocast), since the mixer's bf16 output is added to it in higher precision.
 
-    In a model the blocks pass the stream on with the last branch output still to add (`forward_residual`): the
-    next block adds it and normalises the sum in one pass (`vlonghorn.ops.add_rms_norm`, the norm written once in
-    the dtype in_proj reads), so the stream is read and written once per block.
+    With `fused_norm` the blocks of a model pass the stream on with the last branch output still to add
+    (`forward_residual`): the next block adds it and normalises the sum in one pass (`vlonghorn.ops.add_rms_norm`,
+    the norm written once in the dtype in_proj reads), so the stream is read and written once per block.
 
     With `recompute_mixer` (and autograd recording, on the Triton path) the branch mixer(norm(x)) keeps for the
     backward only the stream and what the scan's forward produced and runs the rest again there (norm, in/x/dt
@@ -149,12 +149,15 @@ class Block(nn.Module):
             drop_path: float = 0.,
             norm_layer=RmsNorm,
             recompute_mixer: bool = True,
+            fused_norm: bool = False,
             device=None,
             dtype=None,
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.norm = norm_layer(dim, **dd)
+        # the add and the norm in one op (`forward_residual`), where the norm is one it computes
+        self.fused_norm = fused_norm and _fused_rms_norm(self.norm)
         self.mixer = LonghornMixer(dim, d_state=d_state, expand=expand, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.recompute_mixer = recompute_mixer
@@ -172,7 +175,7 @@ class Block(nn.Module):
         """The block on a stream with a pending update: r = x + delta (delta: the previous block's drop-pathed
         branch output, or None) and this block's own update. Returns (r, drop_path(mixer(norm(r))))."""
         recompute = self.recompute_mixer and not self.in_checkpoint
-        if _fused_rms_norm(self.norm):
+        if self.fused_norm:
             r, y = residual_branch(partial(self.mixer, dt_shift=dt_shift), x, delta, self.norm.weight, self.norm.eps,
                                    self.mixer.parameters(), recompute=recompute, d_state=self.mixer.d_state)
         else:
@@ -187,8 +190,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, dt_shift: Union[float, torch.Tensor] = 0.) -> torch.Tensor:
         """dt_shift: log of a factor on the mixer's step sizes (VisionLonghorn's step_scale); 0: as trained."""
-        r, delta = self.forward_residual(x, None, dt_shift)
-        return r + delta
+        if self.fused_norm:
+            r, delta = self.forward_residual(x, None, dt_shift)
+            return r + delta
+        if self.recompute_mixer and not self.in_checkpoint:
+            params = itertools.chain(self.norm.parameters(), self.mixer.parameters())   # read only if recomputing
+            y = recompute_except_scan(partial(self._branch, dt_shift=dt_shift), x, params,
+                                      d_state=self.mixer.d_state)
+        else:
+            y = self._branch(x, dt_shift)
+        return x + self.drop_path(y)
 
 
 def _fused_rms_norm(norm: nn.Module) -> bool:
@@ -284,6 +295,7 @@ class VisionLonghorn(nn.Module):
             recompute_mixer: bool = True,
             scan_order: str = 'raster',
             step_scale: Union[float, str] = 'auto',
+            fused_norm: bool = False,
             device=None,
             dtype=None,
     ):
@@ -316,6 +328,11 @@ class VisionLonghorn(nn.Module):
                 2026-12-05) scales them by the training grid's token count over the input's, so the scans keep
                 their memory span on a larger or smaller image (at the training size the factor is 1); a number
                 fixes the factor, 1 being the behaviour before.
+            fused_norm: Each block adds the previous block's update to the stream and normalises the sum in one
+                pass (`vlonghorn.ops.add_rms_norm`: Triton kernels on CUDA, 6-8% more images/s for vlonghorn_small
+                on an H100; the same maths in PyTorch elsewhere). Off by default until its model-level GPU test
+                passes (under torch.compile its bf16 gradients strayed 3.7e-2 from eager's against a 1e-2
+                tolerance; docs/kernel_design.md section 12); the weights are the same either way.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -351,7 +368,7 @@ class VisionLonghorn(nn.Module):
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             Block(embed_dim, d_state=d_state, expand=expand, drop_path=dpr[i], recompute_mixer=recompute_mixer,
-                  **dd)
+                  fused_norm=fused_norm, **dd)
             for i in range(depth)
         ])
         self.scan_order = scan_order
@@ -503,9 +520,9 @@ class VisionLonghorn(nn.Module):
             blocks: nn.Sequential,
             take_indices: Optional[List[int]] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[torch.Tensor]]:
-        """Run `blocks` on raster-order tokens, each in its scan order. Returns the stream and the last block's
-        update still to add to it (None without blocks), and the outputs of the blocks in `take_indices` (stream
-        values), all in raster order."""
+        """Run `blocks` on raster-order tokens, each in its scan order. Returns the stream and, with fused norms,
+        the last block's update still to add to it (else None), and the outputs of the blocks in `take_indices`
+        (stream values), all in raster order."""
         intermediates = []
         order = 'raster'
         dt_shift = self.step_shift(grid)
@@ -516,7 +533,10 @@ class VisionLonghorn(nn.Module):
                 if delta is not None:
                     delta = reorder_tokens(delta, grid, order, self.block_orders[i])
                 order = self.block_orders[i]
-            if self.grad_checkpointing and not torch.jit.is_scripting():
+            checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
+            if not block.fused_norm:
+                x = checkpoint(block, x, dt_shift) if checkpointing else block(x, dt_shift)
+            elif checkpointing:
                 # the add outside: each checkpoint then keeps one stream tensor, not the stream and an update
                 if delta is not None:
                     x = x + delta
@@ -524,7 +544,7 @@ class VisionLonghorn(nn.Module):
             else:
                 x, delta = block.forward_residual(x, delta, dt_shift)
             if take_indices is not None and i in take_indices:
-                y = x + delta
+                y = x if delta is None else x + delta
                 intermediates.append(y if order == 'raster' else reorder_tokens(y, grid, order, 'raster'))
         if order != 'raster':
             x = reorder_tokens(x, grid, order, 'raster')
@@ -534,7 +554,7 @@ class VisionLonghorn(nn.Module):
 
     def _final_norm(self, x: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor:
         """The final norm of the stream x + delta (the add fused into it)."""
-        if _fused_rms_norm(self.norm):
+        if self.blocks and self.blocks[0].fused_norm and _fused_rms_norm(self.norm):
             return rms_norm_of_sum(x, delta, self.norm.weight, self.norm.eps)
         return self.norm(x if delta is None else x + delta)
 
