@@ -190,16 +190,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, dt_shift: Union[float, torch.Tensor] = 0.) -> torch.Tensor:
         """dt_shift: log of a factor on the mixer's step sizes (VisionLonghorn's step_scale); 0: as trained."""
-        if self.fused_norm:
-            r, delta = self.forward_residual(x, None, dt_shift)
-            return r + delta
-        if self.recompute_mixer and not self.in_checkpoint:
-            params = itertools.chain(self.norm.parameters(), self.mixer.parameters())   # read only if recomputing
-            y = recompute_except_scan(partial(self._branch, dt_shift=dt_shift), x, params,
-                                      d_state=self.mixer.d_state)
-        else:
-            y = self._branch(x, dt_shift)
-        return x + self.drop_path(y)
+        r, delta = self.forward_residual(x, None, dt_shift)
+        return r + delta
 
 
 def _fused_rms_norm(norm: nn.Module) -> bool:
@@ -553,10 +545,12 @@ class VisionLonghorn(nn.Module):
         return x, delta, intermediates
 
     def _final_norm(self, x: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor:
-        """The final norm of the stream x + delta (the add fused into it)."""
-        if self.blocks and self.blocks[0].fused_norm and _fused_rms_norm(self.norm):
+        """The final norm of the stream x + delta; a pending delta (fused blocks only) is added in the norm."""
+        if delta is None:
+            return self.norm(x)
+        if _fused_rms_norm(self.norm):
             return rms_norm_of_sum(x, delta, self.norm.weight, self.norm.eps)
-        return self.norm(x if delta is None else x + delta)
+        return self.norm(x + delta)
 
     def forward_intermediates(
             self,

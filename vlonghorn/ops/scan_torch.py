@@ -362,8 +362,5 @@ def bidirectional_longhorn_scan_torch(x_fwd, x_rev, dt_fwd, dt_rev, k_fwd, q_fwd
         y = _scan(both(x_fwd, x_rev), both(dt_fwd, dt_rev), both(k_fwd, k_rev), both(q_fwd, q_rev), dt_bias, D,
                   None, False)
     y_fwd, y_rev = y.unflatten(0, (2, batch)).unbind(0)
-    if _tracing(x_fwd) or y.requires_grad:
-        y = (y_fwd + y_rev.flip(1)) * 0.5
-        return y if z is None else y * F.silu(z)
-    y = y_fwd.add_(y_rev.flip(1)).mul_(0.5)       # inference: in place, no further buffers
-    return y if z is None else y.mul_(F.silu(z))
+    y = (y_fwd + y_rev.flip(1)).mul_(0.5)
+    return y if z is None else y * F.silu(z)
