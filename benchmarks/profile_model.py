@@ -4,11 +4,12 @@
                                        [--train [--cprofile]] [--kwargs '{"recompute_mixer": false}']
 
 Prints, per resolution, the kernels sorted by total GPU time over the forward (all layers): where the time of
-the end-to-end figures of bench_model.py goes. With --train: one training step (forward and backward under
-bf16 autocast), its wall time (without and under the profiler) next to the GPU's busy time (kernels and
-copies; a gap means the host does not keep up), the host-side ops with the most self CPU time and the
-synchronising runtime calls; --cprofile adds a Python-level profile (cProfile) of three training steps, the
-functions with the most own time and the most cumulative time: where the host time of the step goes.
+the end-to-end figures of bench_model.py goes, and the scan's kernels against everything else. With --train: one
+training step (forward and backward under bf16 autocast), its wall time (without and under the profiler) next to
+the GPU's busy time (kernels and copies; a gap means the host does not keep up), the host-side ops with the most
+self CPU time and the synchronising runtime calls; --cprofile adds a Python-level profile (cProfile) of three
+training steps, the functions with the most own time and the most cumulative time: where the host time of the
+step goes.
 """
 import argparse
 import cProfile
@@ -23,6 +24,21 @@ from torch.profiler import ProfilerActivity, profile
 
 import vlonghorn  # noqa: F401  (registers the models with timm)
 from harness import env_line, environment, wall_time
+
+
+def _split(events):
+    """(scan, everything else) GPU time in ms: the scan's forward, backward, chunk and combine kernels against the
+    rest (issue 16's grouping: record preparation and partial sums count as the rest)."""
+    scan = rest = 0.0
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.key.lstrip("_")
+        if name.startswith(("scan_", "adjoint_chunk")):
+            scan += e.self_device_time_total
+        else:
+            rest += e.self_device_time_total
+    return scan / 1e3, rest / 1e3
 
 
 def _train_step(model, x):
@@ -70,6 +86,7 @@ def main():
             events = prof.key_averages()
             gpu = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
             print(f"step wall {wall * 1e3:.1f} ms (under the profiler), GPU busy {gpu / 1e3:.1f} ms")
+            print("GPU time: scan {:.2f} ms, everything else {:.2f} ms".format(*_split(events)))
             syncs = [e for e in events if any(s in e.key for s in ("Synchronize", "cudaMemcpy", "item"))]
             for e in syncs:
                 print(f"  {e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.1f} ms")
@@ -83,6 +100,7 @@ def main():
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     model(x)
                     torch.cuda.synchronize()
+            print("GPU time: scan {:.2f} ms, everything else {:.2f} ms".format(*_split(prof.key_averages())))
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=opt.rows, max_name_column_width=60))
         del model, x
 

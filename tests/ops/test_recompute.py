@@ -29,8 +29,9 @@ def test_keep_scan_outputs_region_runs_first_without_grad(config, monkeypatch):
 def test_recompute_mixer_keeps_only_the_scan(config, monkeypatch):
     """In training on the Triton path, each block keeps the scan's outputs and recomputes the rest in the
     backward: the scan's forward runs once per block, the conv's twice; outputs are those of the model that saves
-    everything, and so are the gradients up to the order in which the block input's gradient terms are summed;
-    on CUDA the peak memory of a training step drops."""
+    everything, and so are the gradients up to the order in which the stream's gradient terms are summed;
+    on CUDA the peak memory of a training step drops, and the compiled model (inductor, bf16) is no further from a
+    float64 reference than eager bf16 is."""
     import timm
     import vlonghorn  # noqa: F401  (registers the models)
     from vlonghorn.kernels import launch
@@ -73,17 +74,29 @@ def test_recompute_mixer_keeps_only_the_scan(config, monkeypatch):
         if variant != "compiled":
             assert calls["conv"] == depth * (1 + (variant != "saved")), (variant, calls)
     y0, g0, peak0 = results["saved"]
+    if CUDA:
+        # inductor rounds the bf16 ops its own way: compiled and eager are each compared with the float64 model
+        # (the same weights, PyTorch path); measured on an H100, 2026-12-06: up to 4.8e-2 from it in eager (block
+        # 0's x_proj weight), 2.1e-2 compiled, and at most 1.45x eager's error on any one tensor
+        torch.manual_seed(1)
+        model = timm.create_model("vlonghorn_small", img_size=res, patch_size=8, num_classes=5, depth=depth).to(DEV)
+        model.double()
+        y = model(x.double())
+        y.square().sum().backward()
+        ref = dict([("y", y.detach())] + [(f"grad of {n}", p.grad) for n, p in model.named_parameters()])
     for variant in ("recompute", "grad_checkpointing", "compiled"):
         y, g, peak = results[variant]
-        for name, got, ref in [("y", y, y0)] + [(f"grad of {n}", g[n], g0[n]) for n in g0]:
-            if variant == "compiled" and CUDA:  # inductor fuses the bf16 elementwise ops its own way
-                assert _rel(got, ref.double()) < 1e-2, (variant, name, _rel(got, ref.double()))
-            elif variant == "recompute" and name != "y":
-                # the block input's gradient terms (residual, norm) are summed in another order: fp32 rounding
-                err = _rel(got, ref.double())
+        for name, got, want in [("y", y, y0)] + [(f"grad of {n}", g[n], g0[n]) for n in g0]:
+            if variant == "compiled" and CUDA:
+                err, eager_err = _rel(got, ref[name]), _rel(want, ref[name])
+                assert err <= 2 * eager_err + 1e-3, (variant, name, err, eager_err)
+            elif variant in ("recompute", "grad_checkpointing") and name != "y":
+                # the stream's gradient terms (residual, norm) are summed in another order (grad checkpointing:
+                # outside the norm kernel, whose fused form may contract them into an FMA): fp32 rounding
+                err = _rel(got, want.double())
                 assert err < (1e-6 if not CUDA else 1e-3), (variant, name, err)
             else:
-                assert torch.equal(got, ref), (variant, name)
+                assert torch.equal(got, want), (variant, name)
     if CUDA:
         # what stays between forward and backward: the scan's outputs instead of every activation (at this
         # depth the backward's own working set is a large part of the peak)

@@ -149,7 +149,7 @@ class Block(nn.Module):
             drop_path: float = 0.,
             norm_layer=RmsNorm,
             recompute_mixer: bool = True,
-            fused_norm: bool = False,
+            fused_norm: bool = True,
             device=None,
             dtype=None,
     ):
@@ -287,7 +287,7 @@ class VisionLonghorn(nn.Module):
             recompute_mixer: bool = True,
             scan_order: str = 'raster',
             step_scale: Union[float, str] = 'auto',
-            fused_norm: bool = False,
+            fused_norm: bool = True,
             device=None,
             dtype=None,
     ):
@@ -322,9 +322,9 @@ class VisionLonghorn(nn.Module):
                 fixes the factor, 1 being the behaviour before.
             fused_norm: Each block adds the previous block's update to the stream and normalises the sum in one
                 pass (`vlonghorn.ops.add_rms_norm`: Triton kernels on CUDA, 6-8% more images/s for vlonghorn_small
-                on an H100; the same maths in PyTorch elsewhere). Off by default until its model-level GPU test
-                passes (under torch.compile its bf16 gradients strayed 3.7e-2 from eager's against a 1e-2
-                tolerance; docs/kernel_design.md section 12); the weights are the same either way.
+                on an H100 at large batches; the same maths in PyTorch elsewhere). On by default since
+                2026-12-06; False runs the separate add and timm's RmsNorm (docs/kernel_design.md section 12).
+                The weights are the same either way.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
