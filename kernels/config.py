@@ -69,6 +69,11 @@ class KernelConfig:
     segment_cap: float = 1.0
     segment_waves: int = 8
     segment_min: int = 4
+    # recompute regions (training with recompute_mixer): keep the gated output of a two-direction scan with a gate
+    # for the backward (True), or keep only y_pre, the gate's input, and rebuild the output from it and the
+    # recomputed z there (False: one (B, L, E) tensor less per block between forward and backward, one elementwise
+    # pass more in the backward; the rebuilt output rounds y_pre before the gate, the kernel after it)
+    keep_gated_output: bool = True
     # reconstructing backward for bf16 / fp16 inputs: relative drift tolerance at each checkpoint, a register cap
     # for its launch (0: none); it steps aside while the running share of redone programs (per device, weight
     # recon_decay per call) is at or above recon_share, except on every recon_probe-th call

@@ -13,10 +13,12 @@ traces and guards it, and passed to the ops as an argument: a changed configurat
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import launch
+from .config import CONFIG
 from .recompute import current_region
 
 __all__ = ["scan_forward", "scan_backward", "conv_forward", "conv_backward", "norm_forward", "norm_backward",
@@ -146,7 +148,11 @@ class _ScanReplay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kept, *inputs):
         _scan_setup(ctx, inputs, kept)
-        return kept[0].detach()
+        out, ypre = kept[0], kept[1]
+        if out.numel() == 0 and ypre.numel() != 0:      # not kept: rebuilt from y_pre and the recomputed z
+            z = inputs[12]
+            out = (ypre.float() * F.silu(z.float())).to(ypre.dtype)
+        return out.detach()
 
     @staticmethod
     def backward(ctx, g_out):
@@ -173,7 +179,10 @@ def _scan(args, grad):
         return _ScanFn.apply(*args, True, layout)
     outputs = (scan_forward if traced else launch.scan_forward)(*args, save, layout)
     if store is not None:
-        store.kept.append((tuple(t.detach() for t in outputs), layout))
+        kept = tuple(t.detach() for t in outputs)
+        if not CONFIG.keep_gated_output and kept[1].numel() != 0:
+            kept = (_empty(kept[0]),) + kept[1:]     # y_pre is there (two directions, gated): rebuilt at replay
+        store.kept.append((kept, layout))
     return outputs[0]
 
 

@@ -24,6 +24,33 @@ def test_keep_scan_outputs_region_runs_first_without_grad(config, monkeypatch):
         _mixer(x, z, conv_params, scan_params)
 
 
+def test_a_region_may_keep_y_pre_alone(config):
+    """With keep_gated_output=False a region keeps the gated scan's y_pre but not its output, and the replay
+    rebuilds the output from y_pre and z: the kept output's values up to the gate's rounding, and the same
+    gradients (the scan's backward reads y_pre and z, never the output)."""
+    from vlonghorn.kernels import ScanOutputs, keep_scan_outputs
+    x, z, conv_params, scan_params = _mixer_inputs(2, 9, 40, seed=3)
+    leaves = [x, z, *conv_params, *[t for direction in scan_params for t in direction]]
+    weight = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(4)).to(DEV)
+    results = {}
+    for keep in (True, False):
+        config.update(keep_gated_output=keep)
+        store = ScanOutputs()
+        with torch.no_grad(), keep_scan_outputs(store):
+            first = _mixer(x, z, conv_params, scan_params)
+        kept_out, kept_ypre = store.kept[0][0][:2]
+        assert kept_ypre.numel() > 0 and (kept_out.numel() > 0) == keep, (keep, kept_out.shape)
+        with keep_scan_outputs(store):
+            y = _mixer(x, z, conv_params, scan_params)
+        results[keep] = (first, y, torch.autograd.grad((y * weight).sum(), leaves))
+    first, y_kept, grads_kept = results[True]
+    _, y_rebuilt, grads_rebuilt = results[False]
+    assert torch.equal(y_kept, first)
+    assert _rel(y_rebuilt, first.double()) < 1e-6, _rel(y_rebuilt, first.double())
+    for got, want in zip(grads_rebuilt, grads_kept):
+        assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------------------------- the model's selective recompute
 @pytest.mark.slow
 def test_recompute_mixer_keeps_only_the_scan(config, monkeypatch):
